@@ -1,0 +1,3 @@
+from cgigate.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,361 @@
+"""Answering one request with one CGI script (RFC 3875).
+
+The steps, in order:
+
+1. find the script (`script.locate`) and build its meta-variables
+   (`environ.meta_variables`) and command line;
+2. a chunked request body is read into a spool (memory, then a temporary
+   file) so that CONTENT_LENGTH can be its decoded length (section 4.1.2);
+3. wait for one of `max_children` slots (`ChildLimiter`; 503 when the
+   queue is full or the wait too long);
+4. spawn the script, then at the same time feed the body to its stdin and
+   read its stdout, so neither side can fill a pipe and block the other;
+5. parse the response header (`response.ResponseHeadParser`), then stream
+   the body to the client as the script writes it; `nph-` scripts are
+   passed through untouched;
+6. a local redirect is handed back to the front, which dispatches the new
+   path as a GET.
+
+Every way out (done, timeout, client gone, error) goes through one
+`finally` that kills the script's process group if it is still running;
+the pidfd reaper collects it whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import resource
+import signal
+import tempfile
+import time
+
+from cgigate.cgi.environ import meta_variables, to_environb
+from cgigate.cgi.response import CGIResponseError, ResponseHeadParser
+from cgigate.cgi.script import Script, command_line, locate
+from cgigate.cgi.spawn import ChildProcess, rlimits_preexec, spawn
+from cgigate.errors import ClientDisconnected, HTTPError
+
+log = logging.getLogger("cgigate.error")
+
+SPOOL_IN_MEMORY = 1024 * 1024
+EXIT_LINGER = 1.0          # seconds stdout may stay open after the script exited
+READ_SIZE = 65536
+
+
+class LocalRedirect:
+    """RFC 3875 section 6.2.2: the front should serve `target` instead."""
+
+    def __init__(self, target: bytes):
+        self.target = target
+
+
+class ChildLimiter:
+    """At most `limit` scripts at once; up to `queue_size` requests wait, in order,
+    for at most `queue_timeout` seconds.  Past either bound: 503."""
+
+    def __init__(self, limit: int, queue_size: int, queue_timeout: float):
+        self.limit = limit
+        self.queue_size = queue_size
+        self.queue_timeout = queue_timeout
+        self.running = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self.running < self.limit and not self._waiters:
+            self.running += 1
+            return
+        if len(self._waiters) >= self.queue_size:
+            raise HTTPError(503, f"{self.running} scripts running and {len(self._waiters)} waiting "
+                            "(cgi.max_children, cgi.queue_size)", headers=(("Retry-After", "1"),))
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(self.queue_timeout, self._expire, waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()  # the slot arrived just as we gave up: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, waiter: asyncio.Future) -> None:
+        if not waiter.done():
+            self._waiters.remove(waiter)
+            waiter.set_exception(HTTPError(503, f"waited {self.queue_timeout:g}s for a free CGI slot "
+                                           "(cgi.queue_timeout)", headers=(("Retry-After", "1"),)))
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the next in line
+                return
+        self.running -= 1
+
+
+class CGIHandler:
+    """Serves one [[route]] of CGI scripts."""
+
+    def __init__(self, route, config, limiter: ChildLimiter):
+        self.route = route
+        self.prefix = route.prefix
+        self.root = os.fsencode(route.cgi_dir)
+        self.cgi = config.cgi
+        self.server_config = config.server
+        self.interpreters = config.interpreters
+        self.limiter = limiter
+        self.timeout = route.timeout if route.timeout is not None else config.cgi.timeout
+        self.label = f"cgi:{route.prefix}"
+        document_root = config.cgi.document_root or route.cgi_dir
+        self.document_root = os.fsencode(document_root).decode("latin-1")
+        self.base_env = self._base_environment(config)
+        limits = []
+        if config.cgi.limit_cpu_seconds:
+            limits.append((resource.RLIMIT_CPU, config.cgi.limit_cpu_seconds))
+        if config.cgi.limit_address_space:
+            limits.append((resource.RLIMIT_AS, config.cgi.limit_address_space))
+        if config.cgi.limit_open_files:
+            limits.append((resource.RLIMIT_NOFILE, config.cgi.limit_open_files))
+        self.preexec = rlimits_preexec(limits)
+
+    @staticmethod
+    def _base_environment(config) -> dict[bytes, bytes]:
+        env = {}
+        for name in config.cgi.env_pass:
+            value = os.environb.get(name.encode())
+            if value is not None:
+                env[name.encode()] = value
+        for name, value in config.cgi.env.items():
+            env[name.encode()] = value.encode()
+        return env
+
+    async def handle(self, request, response, segments: list[bytes]):
+        script = locate(self.root, self.prefix, segments, self.interpreters)
+        body = request.body
+        spool = None
+        content_length = None
+        try:
+            if body is not None and body.chunked:
+                spool, content_length = await self._spool(body)
+            await self.limiter.acquire()
+            try:
+                return await self._run(request, response, script, spool, content_length)
+            finally:
+                self.limiter.release()
+        finally:
+            if spool is not None:
+                spool.close()
+
+    async def _spool(self, body):
+        limit = self.server_config.max_body_size
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+        size = 0
+        try:
+            while data := await body.read():
+                size += len(data)
+                if size > limit:
+                    raise HTTPError(413, f"chunked body over {limit} bytes (server.max_body_size)",
+                                    close=True)
+                spool.write(data)
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool, size
+
+    def _environment(self, request, script: Script, content_length) -> dict[bytes, bytes]:
+        env = meta_variables(
+            request, script_name=script.script_name, path_info=script.path_info,
+            script_filename=script.filename.decode("latin-1"), document_root=self.document_root,
+            default_server_name=self.server_config.server_name or _default_server_name(request),
+            content_length=content_length, pass_authorization=self.cgi.pass_authorization)
+        environb = dict(self.base_env)
+        environb.update(to_environb(env))
+        return environb
+
+    async def _run(self, request, response, script: Script, spool, content_length):
+        rid = request.request_id
+        name = os.fsdecode(script.filename)
+
+        def tag() -> str:
+            return f"rid={rid} script={name}"
+
+        argv = command_line(script, request.query, self.cgi.isindex_argv)
+        env = self._environment(request, script, content_length)
+        started = time.perf_counter()
+        try:
+            child = await spawn(argv, env, script.directory, tag, self.preexec)
+        except BlockingIOError as e:
+            raise HTTPError(503, f"cannot fork for {name}: {e.strerror}", headers=(("Retry-After", "1"),))
+        except MemoryError:
+            raise HTTPError(503, f"cannot fork for {name}: out of memory", headers=(("Retry-After", "1"),))
+        except OSError as e:
+            if e.errno in (11, 12):  # EAGAIN, ENOMEM
+                raise HTTPError(503, f"cannot fork for {name}: {e.strerror}",
+                                headers=(("Retry-After", "1"),)) from None
+            hint = " (missing or wrong #! line?)" if e.errno in (2, 8) else ""
+            raise HTTPError(502, f"cannot execute {name}: {e.strerror}{hint}") from None
+        loop = asyncio.get_running_loop()
+        feeder = loop.create_task(self._feed(child, request.body, spool))
+        child.exited.add_done_callback(lambda f: _log_exit(f, tag))
+        outcome = "client gone"
+        deadline = loop.time() + self.timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                result = await self._relay(request, response, script, child, tag)
+            outcome = "done"
+            return result
+        except TimeoutError:
+            outcome = "timeout"
+            child.kill_group(self.cgi.kill_grace, "timeout")
+            message = (f"{tag()} ran over its {self.timeout:g}s timeout; process group killed "
+                       f"(SIGTERM, SIGKILL after {self.cgi.kill_grace:g}s)")
+            if not response.started:
+                raise HTTPError(504, message) from None
+            log.error("%s; response cut short", message)
+            request.connection.close()
+            raise ClientDisconnected() from None
+        except HTTPError:
+            outcome = "error"
+            raise
+        finally:
+            feeder.cancel()
+            child.close_pipes()
+            if child.returncode is None:
+                if outcome == "done":
+                    # Output is complete; the script may still be tidying up.  It
+                    # keeps its deadline, but no longer holds up the client.
+                    loop.call_at(deadline, child.kill_group, self.cgi.kill_grace, "timeout after output")
+                else:
+                    child.kill_group(self.cgi.kill_grace, outcome)
+                    if outcome == "client gone" and not response.finished:
+                        log.warning("%s client went away; process group killed", tag())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s finished in %.6fs (%s)", tag(), time.perf_counter() - started, outcome)
+
+    async def _feed(self, child: ChildProcess, body, spool) -> None:
+        """Give the body to stdin, then close it.  If the script stops reading,
+        the rest of the body is still read from the client and dropped, so the
+        connection stays in step."""
+        writer = child.stdin
+        try:
+            if spool is not None:
+                while data := spool.read(READ_SIZE):
+                    await writer.write(data)
+            elif body is not None:
+                while data := await body.read():
+                    await writer.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            if body is not None and spool is None:
+                while await body.read():
+                    pass
+        except (HTTPError, ClientDisconnected):
+            # The client stalled or left mid-body: the script gets no more, and
+            # the handler hears of it when it next writes.
+            child.kill_group(self.cgi.kill_grace, "client body failed")
+        finally:
+            writer.close()
+
+    async def _relay(self, request, response, script: Script, child: ChildProcess, tag):
+        stdout = child.stdout
+        loop = asyncio.get_running_loop()
+
+        def exited(_):
+            if not stdout.at_eof:
+                loop.call_later(EXIT_LINGER, linger_over)
+
+        def linger_over():
+            if not stdout.at_eof:
+                log.warning("%s exited but its stdout is still open %gs later (a background "
+                            "process?); ending the response", tag(), EXIT_LINGER)
+                child.kill_group(self.cgi.kill_grace, "stdout held open")
+                stdout.force_eof()
+
+        child.exited.add_done_callback(exited)
+
+        if script.is_nph:
+            first = True
+            while data := await stdout.read():
+                await response.write_raw(data)
+                if first:
+                    first = False
+                    status_line = data.split(b"\n", 1)[0].split()
+                    if len(status_line) >= 2 and status_line[1].isdigit():
+                        response.status = int(status_line[1])  # for the access log only
+            await response.end()
+            return None
+
+        parser = ResponseHeadParser(self.cgi.max_response_header_size)
+        head = None
+        while head is None:
+            data = await stdout.read()
+            if not data:
+                try:
+                    parser.eof()
+                except CGIResponseError as e:
+                    code = await self._exit_code(child)
+                    raise HTTPError(502, f"{tag()} {e.detail}; {_describe_exit(code)}") from None
+            try:
+                head = parser.feed(data)
+            except CGIResponseError as e:
+                raise HTTPError(502, f"{tag()} {e.detail}") from None
+        if head.dropped:
+            log.warning("%s hop-by-hop response headers dropped: %s", tag(),
+                        ", ".join(n.decode("latin-1") for n in head.dropped))
+        if head.kind == "local-redirect":
+            return LocalRedirect(head.location)
+
+        response.start(head.status, head.headers, head.reason)
+        if head.body:
+            await response.write(head.body)
+        while data := await stdout.read():
+            await response.write(data)
+        await response.end()
+        return None
+
+    async def _exit_code(self, child: ChildProcess) -> int | None:
+        try:
+            async with asyncio.timeout(EXIT_LINGER):
+                code, _ = await asyncio.shield(child.exited)
+                return code
+        except TimeoutError:
+            return None
+
+
+
+def _log_exit(exited: asyncio.Future, tag) -> None:
+    """Runs when the script is reaped: a failure after its output began is worth a line."""
+    if exited.cancelled():
+        return
+    code = exited.result()[0]
+    if code:
+        log.warning("%s %s", tag(), _describe_exit(code))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _default_server_name(request) -> str:
+    server = request.server
+    if isinstance(server, tuple) and server:
+        return str(server[0])
+    return "localhost"

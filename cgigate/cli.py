@@ -1,0 +1,86 @@
+"""`cgigate serve | check-config`: the command line, generated from config.SETTINGS."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cgigate import __version__, config as configuration
+
+DESCRIPTION = """\
+cgigate is a CGI/FastCGI gateway.  `serve` answers HTTP/1.1 and runs CGI
+scripts (RFC 3875), one process per request."""
+
+SERVE_EPILOG = """\
+examples:
+  cgigate serve --cgi-dir cgi-bin                  serve ./cgi-bin under /cgi-bin/ on 127.0.0.1:8080
+  cgigate serve -c conf/cgigate.toml               everything from a config file
+  cgigate serve -c conf/cgigate.toml --bind 0.0.0.0:8000 --bind unix:/run/cgigate.sock
+
+Flags override the config file.  Every [server] and [cgi] key of the file is
+documented in conf/cgigate.toml; `cgigate check-config -c FILE` shows what a
+file would serve.  SIGTERM or SIGINT stops gracefully."""
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    for setting in configuration.SETTINGS:
+        if setting.flag is None:
+            continue
+        default = setting.default
+        shown = ", ".join(default) if isinstance(default, list) else default
+        kwargs = dict(dest=setting.name, metavar=setting.metavar, default=argparse.SUPPRESS,
+                      help=f"{setting.help} [{setting.section}] {setting.key}; default: {shown}")
+        if setting.name == "server.bind":
+            kwargs["action"] = "append"
+        parser.add_argument(setting.flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cgigate", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"cgigate {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP front", description=DESCRIPTION,
+                                epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("-c", "--config", metavar="FILE",
+                       help="TOML config file (see conf/cgigate.toml); without it, built-in defaults")
+    serve.add_argument("--cgi-dir", metavar="DIR",
+                       help="serve the executable files in DIR as CGI scripts under --cgi-prefix "
+                            "(replaces a config route with the same prefix)")
+    serve.add_argument("--cgi-prefix", metavar="PREFIX", default="/cgi-bin/",
+                       help="URL prefix for --cgi-dir; default: /cgi-bin/")
+    _add_setting_flags(serve)
+
+    check = commands.add_parser("check-config", help="validate a config file and show what it serves")
+    check.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config file")
+    return parser
+
+
+def load_config(args) -> configuration.Config:
+    overrides = {s.name: getattr(args, s.name) for s in configuration.SETTINGS
+                 if s.flag is not None and hasattr(args, s.name)}
+    routes = [(args.cgi_prefix, args.cgi_dir)] if getattr(args, "cgi_dir", None) else []
+    return configuration.load(args.config, overrides, routes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        config = load_config(args)
+    except configuration.ConfigError as e:
+        print(f"cgigate: {e}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(configuration.describe(config))
+        print("config OK")
+        return 0
+    if not config.routes:
+        print("cgigate: nothing to serve: give --cgi-dir DIR, or -c FILE with a [[route]]",
+              file=sys.stderr)
+        return 2
+    from cgigate.front.server import run
+    return run(config)

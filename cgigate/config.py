@@ -1,0 +1,433 @@
+"""Configuration: every option is declared once, here.
+
+Each `Setting` names its TOML section and key, its type, its default, its
+help text and (optionally) its command-line flag.  The TOML loader, the
+`serve` flags, `--help` and `check-config` are all generated from the table
+below, so an option cannot exist in one place and be missing in another
+(the gunicorn `config.py` habit).
+
+A bad value raises `ConfigError`, which names the file, the key and what to
+do about it.  Relative paths in a file are taken relative to that file's
+directory; on the command line, relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shlex
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable
+
+
+class ConfigError(Exception):
+    """A configuration problem, with where it is and what is wrong."""
+
+    def __init__(self, source: str, key: str, reason: str):
+        self.source, self.key, self.reason = source, key, reason
+        where = f"{source}: {key}: " if key else f"{source}: "
+        super().__init__(where + reason)
+
+
+# --- value converters: (raw value) -> value, raising ValueError(reason) ---
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def to_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 65536 or \"64k\", got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative, got {value}")
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size such as 65536, \"64k\", \"100M\" or \"1G\", got {value!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def to_seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def to_count(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ValueError(f"expected a whole number >= 0, got {value!r}")
+
+
+def to_positive_count(value: Any) -> int:
+    number = to_count(value)
+    if number < 1:
+        raise ValueError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def to_str_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return list(value)
+
+
+def to_str_table(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"expected a table of strings, got {value!r}")
+    return dict(value)
+
+
+def to_log_level(value: Any) -> str:
+    text = to_str(value).lower()
+    if text not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"expected one of debug, info, warning, error; got {value!r}")
+    return text
+
+
+def to_octal_mode(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        try:
+            mode = int(str(value), 8)
+        except ValueError:
+            raise ValueError(f"expected an octal file mode such as \"0660\", got {value!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"expected a file mode between 0000 and 0777, got {value!r}")
+    return mode
+
+
+@dataclass(frozen=True)
+class Bind:
+    """One listening address: TCP host and port, or a unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.path)
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_bind(text: str, base_dir: str | None = None) -> Bind:
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path:
+            raise ValueError("unix: needs a socket path, as in unix:/run/cgigate.sock")
+        if base_dir and not os.path.isabs(path):
+            path = os.path.join(base_dir, path)
+        return Bind(path=os.path.abspath(path))
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)", text.strip())
+    if not m:
+        raise ValueError(f"expected HOST:PORT, [IPv6]:PORT, PORT or unix:PATH, got {text!r}")
+    host = m.group(1) or m.group(3) or "127.0.0.1"
+    port = int(m.group(2) or m.group(4) or m.group(5))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    return Bind(host=host, port=port)
+
+
+def to_binds(value: Any) -> list[str]:
+    binds = to_str_list(value)
+    if not binds:
+        raise ValueError("at least one address is needed, as in [\"127.0.0.1:8080\"]")
+    for text in binds:
+        parse_bind(text)
+    return binds
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    convert: Callable[[Any], Any]
+    default: Any
+    help: str
+    flag: str | None = None
+    metavar: str | None = None
+    is_path: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+S = Setting
+SETTINGS: tuple[Setting, ...] = (
+    # [server]: the HTTP/1.1 front
+    S("server", "bind", to_binds, ["127.0.0.1:8080"],
+      "Address to listen on: HOST:PORT, [IPv6]:PORT or unix:PATH. Repeat the flag for several.",
+      flag="--bind", metavar="ADDR"),
+    S("server", "unix_socket_mode", to_octal_mode, 0o660,
+      "File mode of unix sockets the server creates (octal)."),
+    S("server", "server_name", to_str, "",
+      "SERVER_NAME when the request has no usable Host header (default: the bound address)."),
+    S("server", "max_connections", to_positive_count, 1024,
+      "Open client connections at most; past it new connections get 503 and are closed.",
+      flag="--max-connections", metavar="N"),
+    S("server", "keepalive_timeout", to_seconds, 5.0,
+      "Seconds an idle keep-alive connection is kept open between requests.",
+      flag="--keepalive-timeout", metavar="SECONDS"),
+    S("server", "read_timeout", to_seconds, 30.0,
+      "Seconds a client has to send a whole request head, and at most between two parts of a body (408 after).",
+      flag="--read-timeout", metavar="SECONDS"),
+    S("server", "max_request_line", to_size, 8192,
+      "Longest request target (URI) in bytes; longer gets 414."),
+    S("server", "max_header_size", to_size, 65536,
+      "Largest request head (request line and all header lines) in bytes; larger gets 431."),
+    S("server", "max_headers", to_positive_count, 100,
+      "Most header fields in one request; more gets 431."),
+    S("server", "max_body_size", to_size, 1024**3,
+      "Largest request body in bytes (\"100M\", \"1G\"); larger gets 413.",
+      flag="--max-body-size", metavar="SIZE"),
+    S("server", "graceful_timeout", to_seconds, 30.0,
+      "On SIGTERM or SIGINT, seconds in-flight requests get to finish before they are cut.",
+      flag="--graceful-timeout", metavar="SECONDS"),
+    S("server", "access_log", to_str, "-",
+      "Access log file: a path, \"-\" for standard output, or \"off\".",
+      flag="--access-log", metavar="PATH", is_path=True),
+    S("server", "error_log", to_str, "-",
+      "Error log file: a path or \"-\" for standard error.",
+      flag="--error-log", metavar="PATH", is_path=True),
+    S("server", "log_level", to_log_level, "info",
+      "Error log level: debug, info, warning or error.", flag="--log-level", metavar="LEVEL"),
+    # [cgi]: defaults for every CGI route
+    S("cgi", "timeout", to_seconds, 60.0,
+      "Wall-clock seconds a CGI script may run; then its process group is killed and the client gets 504. "
+      "A [[route]] may set its own.", flag="--timeout", metavar="SECONDS"),
+    S("cgi", "kill_grace", to_seconds, 2.0,
+      "Seconds between SIGTERM and SIGKILL when a script's process group is killed."),
+    S("cgi", "max_children", to_positive_count, 64,
+      "CGI scripts running at once at most; further requests wait in the queue.",
+      flag="--max-children", metavar="N"),
+    S("cgi", "queue_size", to_count, 256,
+      "Requests that may wait for a free CGI slot; past it they get 503."),
+    S("cgi", "queue_timeout", to_seconds, 30.0,
+      "Seconds a request may wait in the queue before it gets 503."),
+    S("cgi", "env_pass", to_str_list, ["PATH", "LANG", "TZ"],
+      "Variables of the daemon's own environment passed on to scripts; nothing else of it is."),
+    S("cgi", "env", to_str_table, {},
+      "Fixed variables set for every script, as a table: env = { APP_MODE = \"demo\" }."),
+    S("cgi", "interpreters", to_str_table, {},
+      "Interpreter for a file extension, so files need no execute bit: { \".py\" = \"python3\" }."),
+    S("cgi", "pass_authorization", to_bool, False,
+      "Pass the Authorization header as HTTP_AUTHORIZATION (RFC 3875 section 4.1.18 advises against)."),
+    S("cgi", "isindex_argv", to_bool, True,
+      "Give a query with no '=' to the script as command-line words (RFC 3875 section 4.4)."),
+    S("cgi", "document_root", to_str, "",
+      "DOCUMENT_ROOT, and the base of PATH_TRANSLATED (default: the route's CGI directory).", is_path=True),
+    S("cgi", "local_redirect_limit", to_count, 5,
+      "Local redirects (RFC 3875 section 6.2.2) followed for one request before it gets 500."),
+    S("cgi", "max_response_header_size", to_size, 65536,
+      "Largest header block a script may print; larger gets 502."),
+    S("cgi", "limit_cpu_seconds", to_count, 0,
+      "RLIMIT_CPU for each script, in CPU seconds (0: no limit)."),
+    S("cgi", "limit_address_space", to_size, 0,
+      "RLIMIT_AS for each script, in bytes (0: no limit)."),
+    S("cgi", "limit_open_files", to_count, 0,
+      "RLIMIT_NOFILE for each script (0: no limit)."),
+)
+del S
+
+SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
+ROUTE_KEYS = {
+    "prefix": "URL prefix, such as \"/cgi-bin/\".",
+    "cgi_dir": "Directory whose executable files are run as CGI scripts under the prefix.",
+    "timeout": "This route's script timeout in seconds (overrides [cgi] timeout).",
+}
+
+
+@dataclass
+class Route:
+    prefix: str
+    cgi_dir: str
+    timeout: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return "cgi"
+
+
+@dataclass
+class Config:
+    server: SimpleNamespace
+    cgi: SimpleNamespace
+    routes: list[Route] = field(default_factory=list)
+    source: str = "(built-in defaults)"
+    binds: list[Bind] = field(default_factory=list)
+    interpreters: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _normalise_prefix(prefix: str) -> str:
+    if not prefix.startswith("/"):
+        raise ValueError(f"a prefix must start with '/', got {prefix!r}")
+    if any(seg in (".", "..") for seg in prefix.split("/")) or "%" in prefix:
+        raise ValueError(f"a prefix must be a plain path with no '.', '..' or '%', got {prefix!r}")
+    return prefix.rstrip("/") + "/"
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None,
+         cli_routes: list[tuple[str, str]] | None = None) -> Config:
+    """Read `path` (or nothing), apply command-line `overrides` by setting name,
+    add `cli_routes` (prefix, cgi_dir) and check every value."""
+    raw: dict[str, Any] = {}
+    source = "(built-in defaults)"
+    base_dir = os.getcwd()
+    if path:
+        source = path
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(path, "", "no such file; give an existing TOML file with -c, "
+                              "or run `cgigate serve --cgi-dir DIR` without one") from None
+        except OSError as e:
+            raise ConfigError(path, "", f"cannot read it: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(path, "", f"not valid TOML: {e}") from None
+        base_dir = os.path.dirname(os.path.abspath(path))
+
+    by_section = {sec: {s.key: s for s in SETTINGS if s.section == sec} for sec in SECTIONS}
+    for top, value in raw.items():
+        if top == "route":
+            continue
+        if top not in by_section:
+            raise ConfigError(source, top, "unknown section" + _suggest(top, [*SECTIONS, "route"]))
+        if not isinstance(value, dict):
+            raise ConfigError(source, top, f"expected a [{top}] table")
+        for key in value:
+            if key not in by_section[top]:
+                raise ConfigError(source, f"[{top}] {key}", "unknown key" + _suggest(key, by_section[top]))
+
+    sections: dict[str, dict[str, Any]] = {sec: {} for sec in SECTIONS}
+    overrides = overrides or {}
+    for s in SETTINGS:
+        from_cli = s.name in overrides
+        value = overrides[s.name] if from_cli else raw.get(s.section, {}).get(s.key, s.default)
+        where = f"{s.flag}" if from_cli else f"[{s.section}] {s.key}"
+        try:
+            value = s.convert(value)
+        except ValueError as e:
+            raise ConfigError("command line" if from_cli else source, where, str(e)) from None
+        if s.is_path and value and value not in ("-", "off") and not os.path.isabs(value):
+            value = os.path.abspath(os.path.join(os.getcwd() if from_cli else base_dir, value))
+        sections[s.section][s.key] = value
+
+    config = Config(server=SimpleNamespace(**sections["server"]),
+                    cgi=SimpleNamespace(**sections["cgi"]), source=source)
+    bind_base = os.getcwd() if "server.bind" in overrides else base_dir
+    config.binds = [parse_bind(b, bind_base) for b in config.server.bind]
+
+    routes_raw = raw.get("route", [])
+    if not isinstance(routes_raw, list):
+        raise ConfigError(source, "route", "expected [[route]] tables")
+    for i, entry in enumerate(routes_raw):
+        config.routes.append(_route_from_table(entry, f"[[route]] #{i + 1}", source, base_dir, config))
+    for prefix, cgi_dir in cli_routes or []:
+        route = _route_from_table({"prefix": prefix, "cgi_dir": cgi_dir}, "--cgi-dir", "command line",
+                                  os.getcwd(), config)
+        config.routes = [r for r in config.routes if r.prefix != route.prefix] + [route]
+    seen = set()
+    for route in config.routes:
+        if route.prefix in seen:
+            raise ConfigError(source, "[[route]] prefix", f"{route.prefix} is routed twice; keep one")
+        seen.add(route.prefix)
+    # Longest prefix first, so /cgi-bin/admin/ wins over /cgi-bin/.
+    config.routes.sort(key=lambda r: len(r.prefix), reverse=True)
+
+    for ext, command in config.cgi.interpreters.items():
+        where = f"[cgi] interpreters.\"{ext}\""
+        if not ext.startswith("."):
+            raise ConfigError(source, where, "an extension must start with '.', as in \".py\"")
+        argv = shlex.split(command)
+        if not argv:
+            raise ConfigError(source, where, "empty interpreter command")
+        found = shutil.which(argv[0])
+        if not found:
+            raise ConfigError(source, where, f"interpreter {argv[0]!r} not found on PATH; "
+                              "install it, give a full path, or remove the mapping")
+        config.interpreters[ext.lower()] = [found, *argv[1:]]
+    return config
+
+
+def _route_from_table(entry: Any, where: str, source: str, base_dir: str, config: Config) -> Route:
+    if not isinstance(entry, dict):
+        raise ConfigError(source, where, "expected a table with prefix and cgi_dir")
+    for key in entry:
+        if key not in ROUTE_KEYS:
+            raise ConfigError(source, f"{where} {key}", "unknown key" + _suggest(key, ROUTE_KEYS))
+    for key in ("prefix", "cgi_dir"):
+        if key not in entry:
+            raise ConfigError(source, f"{where} {key}", "missing; a CGI route needs prefix and cgi_dir")
+    try:
+        prefix = _normalise_prefix(to_str(entry["prefix"]))
+        cgi_dir = to_str(entry["cgi_dir"])
+        timeout = to_seconds(entry["timeout"]) if "timeout" in entry else None
+    except ValueError as e:
+        raise ConfigError(source, where, str(e)) from None
+    cgi_dir = os.path.abspath(os.path.join(base_dir, cgi_dir))
+    if not os.path.isdir(cgi_dir):
+        raise ConfigError(source, f"{where} cgi_dir", f"{cgi_dir} is not a directory")
+    return Route(prefix=prefix, cgi_dir=os.path.realpath(cgi_dir), timeout=timeout)
+
+
+def describe(config: Config) -> str:
+    """What would be served, for `check-config` and the start-up log."""
+    lines = [f"config: {config.source}"]
+    for b in config.binds:
+        lines.append(f"listen: http://{b}/" if not b.is_unix else f"listen: {b}")
+    for r in config.routes:
+        timeout = r.timeout if r.timeout is not None else config.cgi.timeout
+        lines.append(f"route: {r.prefix} -> CGI scripts in {r.cgi_dir} (timeout {timeout:g}s)")
+    if not config.routes:
+        lines.append("route: none (every request gets 404)")
+    for ext, argv in sorted(config.interpreters.items()):
+        lines.append(f"interpreter: *{ext} -> {shlex.join(argv)}")
+    lines.append(f"cgi: max_children={config.cgi.max_children} queue_size={config.cgi.queue_size} "
+                 f"env_pass={','.join(config.cgi.env_pass)}")
+    return "\n".join(lines)

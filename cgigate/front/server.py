@@ -1,0 +1,229 @@
+"""The daemon's front: listening sockets, routing, and a graceful stop.
+
+`Server.dispatch` is the one place a request meets a backend: it decodes
+the path, picks the route with the longest matching prefix, runs its
+handler, follows local redirects, turns `HTTPError` into a response, and
+writes the access log line.  Whatever a handler raises, the connection and
+the daemon keep going.
+
+Signals only set a flag (`loop.add_signal_handler`); `serve` then stops
+accepting, lets in-flight requests finish for `graceful_timeout` seconds,
+cuts what is left (which kills its scripts) and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+
+from cgigate import logs
+from cgigate.cgi.handler import CGIHandler, ChildLimiter, LocalRedirect
+from cgigate.config import Config
+from cgigate.errors import ClientDisconnected, HTTPError
+from cgigate.front.http import HTTPConnection
+from cgigate.front.paths import decode_segments
+
+log = logging.getLogger("cgigate.error")
+
+
+class Server:
+    def __init__(self, config: Config):
+        self.config = config
+        self.connections: set[HTTPConnection] = set()
+        self.request_count = 0
+        self.shutting_down = False
+        self.limiter = ChildLimiter(config.cgi.max_children, config.cgi.queue_size,
+                                    config.cgi.queue_timeout)
+        self.routes = []
+        for route in config.routes:
+            prefix_segments = [s.encode("latin-1") for s in route.prefix.split("/") if s]
+            self.routes.append((prefix_segments, CGIHandler(route, config, self.limiter)))
+        self.redirect_limit = config.cgi.local_redirect_limit
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.addresses: list[str] = []
+
+    def match(self, segments: list[bytes]):
+        for prefix, handler in self.routes:
+            if segments[:len(prefix)] == prefix:
+                return handler, segments[len(prefix):]
+        return None, segments
+
+    async def dispatch(self, request, response) -> None:
+        backend = "-"
+        status = 0
+        try:
+            if request.error is not None:
+                raise request.error
+            current = request
+            while True:
+                segments = decode_segments(current.path)
+                handler, rest = self.match(segments)
+                if handler is None:
+                    raise HTTPError(404, "no route for this path")
+                backend = handler.label
+                result = await handler.handle(current, response, rest)
+                if not isinstance(result, LocalRedirect):
+                    break
+                if current.redirects >= self.redirect_limit:
+                    raise HTTPError(500, f"more than {self.redirect_limit} local redirects, last to "
+                                    f"{result.target[:200]!r} (cgi.local_redirect_limit)")
+                log.debug("rid=%s local redirect to %r", request.request_id, result.target)
+                current = current.redirected(result.target)
+            status = response.status
+        except HTTPError as e:
+            status = e.status
+            level = logging.WARNING if e.status < 500 or e.status == 503 else logging.ERROR
+            if e.status >= 500 or log.isEnabledFor(logging.INFO):
+                log.log(level if e.status >= 500 else logging.INFO, "rid=%s %s %s -> %d: %s",
+                        request.request_id, request.method, _target(request), e.status, e.detail)
+            if not response.started and not request.connection.closed:
+                if e.close:
+                    response.will_close()
+                try:
+                    await response.send_simple(e.status, headers=[
+                        (k.encode(), v.encode()) for k, v in e.headers])
+                except ClientDisconnected:
+                    pass
+            elif response.started:
+                request.connection.close()  # a response cut short must not look complete
+        except ClientDisconnected:
+            status = response.status or 499
+        except asyncio.CancelledError:
+            status = response.status or 499
+            logs.access(request, status, response.body_bytes, backend)
+            raise
+        except Exception:
+            status = 500
+            log.exception("rid=%s %s %s -> 500: unexpected error", request.request_id, request.method,
+                          _target(request))
+            if not response.started and not request.connection.closed:
+                response.will_close()
+                try:
+                    await response.send_simple(500)
+                except ClientDisconnected:
+                    pass
+            else:
+                request.connection.close()
+        logs.access(request, status, response.body_bytes, backend)
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for bind in self.config.binds:
+            if bind.is_unix:
+                _remove_stale_socket(bind.path)
+                listener = await loop.create_unix_server(lambda: HTTPConnection(self), bind.path,
+                                                         backlog=1024)
+                os.chmod(bind.path, self.config.server.unix_socket_mode)
+                self.addresses.append(f"unix:{bind.path}")
+            else:
+                listener = await loop.create_server(lambda: HTTPConnection(self), bind.host, bind.port,
+                                                    reuse_address=True, backlog=1024)
+                for sock in listener.sockets:
+                    host, port = sock.getsockname()[:2]
+                    shown = f"[{host}]" if ":" in host else host
+                    self.addresses.append(f"http://{shown}:{port}/")
+            self.listeners.append(listener)
+
+    async def stop(self, reason: str) -> None:
+        grace = self.config.server.graceful_timeout
+        self.shutting_down = True
+        for listener in self.listeners:
+            listener.close()
+        busy = [c for c in self.connections if c.task is not None or c.pipeline]
+        log.info("%s: stopped accepting; waiting up to %gs for %d request(s) in flight",
+                 reason, grace, len(busy))
+        for conn in list(self.connections):
+            if conn.task is None and not conn.pipeline:
+                conn.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            for conn in list(self.connections):
+                if conn.task is None and not conn.pipeline:
+                    conn.close()
+        if self.connections:
+            log.warning("graceful timeout: cutting %d connection(s)", len(self.connections))
+            for conn in list(self.connections):
+                if conn.task is not None:
+                    conn.task.cancel()
+                conn.close()
+            await asyncio.sleep(0.1)  # let the cancelled handlers kill their scripts
+        for bind in self.config.binds:
+            if bind.is_unix:
+                try:
+                    os.unlink(bind.path)
+                except FileNotFoundError:
+                    pass
+
+
+def _target(request) -> str:
+    return request.target.decode("latin-1")[:200]
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a daemon that died is removed; a live one is an error."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket; remove it or bind elsewhere")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"{path} is in use by another server")
+
+
+async def serve(config: Config) -> int:
+    loop = asyncio.get_running_loop()
+    server = Server(config)
+    try:
+        await server.start()
+    except OSError as e:
+        log.error("cannot listen: %s", e)
+        return 1
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)   # only record it; the main loop acts
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    for address in server.addresses:
+        log.info("listening on %s", address)
+    for line in _describe_routes(config):
+        log.info("%s", line)
+    await stop.wait()
+    await server.stop(received[0])
+    log.info("stopped")
+    return 0
+
+
+def _describe_routes(config: Config):
+    from cgigate.config import describe
+    return [line for line in describe(config).splitlines() if not line.startswith("listen")]
+
+
+def run(config: Config) -> int:
+    logs.setup(config.server.access_log, config.server.error_log, config.server.log_level)
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    if uvloop is not None:
+        return uvloop.run(serve(config))
+    return asyncio.run(serve(config))

@@ -1,0 +1,2 @@
+#!/bin/sh
+printf 'Content-Type: text/plain\nX-Style: bare-lf\n\nlf body\n'

@@ -1,0 +1,2 @@
+#!/bin/sh
+printf 'Location: /t/loop.sh\r\n\r\n'

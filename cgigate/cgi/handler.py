@@ -191,6 +191,7 @@ class CGIHandler:
         def tag() -> str:
             return f"rid={rid} script={name}"
 
+
         argv = command_line(script, request.query, self.cgi.isindex_argv)
         env = self._environment(request, script, content_length)
         started = time.perf_counter()
@@ -219,11 +220,11 @@ class CGIHandler:
         except TimeoutError:
             outcome = "timeout"
             child.kill_group(self.cgi.kill_grace, "timeout")
-            message = (f"{tag()} ran over its {self.timeout:g}s timeout; process group killed "
+            message = (f"ran over its {self.timeout:g}s timeout; process group killed "
                        f"(SIGTERM, SIGKILL after {self.cgi.kill_grace:g}s)")
             if not response.started:
-                raise HTTPError(504, message) from None
-            log.error("%s; response cut short", message)
+                raise HTTPError(504, f"script={name} {message}") from None
+            log.error("%s %s; response cut short", tag(), message)
             request.connection.close()
             raise ClientDisconnected() from None
         except HTTPError:
@@ -270,6 +271,7 @@ class CGIHandler:
     async def _relay(self, request, response, script: Script, child: ChildProcess, tag):
         stdout = child.stdout
         loop = asyncio.get_running_loop()
+        where = f"script={os.fsdecode(script.filename)}"   # HTTPError lines carry the rid already
 
         def exited(_):
             if not stdout.at_eof:
@@ -305,11 +307,11 @@ class CGIHandler:
                     parser.eof()
                 except CGIResponseError as e:
                     code = await self._exit_code(child)
-                    raise HTTPError(502, f"{tag()} {e.detail}; {_describe_exit(code)}") from None
+                    raise HTTPError(502, f"{where} {e.detail}; {_describe_exit(code)}") from None
             try:
                 head = parser.feed(data)
             except CGIResponseError as e:
-                raise HTTPError(502, f"{tag()} {e.detail}") from None
+                raise HTTPError(502, f"{where} {e.detail}") from None
         if head.dropped:
             log.warning("%s hop-by-hop response headers dropped: %s", tag(),
                         ", ".join(n.decode("latin-1") for n in head.dropped))

@@ -61,7 +61,12 @@ class ResponseHeadParser:
         self.max_size = max_size
         self._buffer = bytearray()
         self._scan = 0          # where to look for the next line end
-        self._lines: list[bytes] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._dropped: list[bytes] = []
+        self._status: int | None = None
+        self._reason: str | None = None
+        self._location: bytes | None = None
+        self._content_type = False
 
     def feed(self, data: bytes) -> CGIHead | None:
         buffer = self._buffer
@@ -78,7 +83,7 @@ class ResponseHeadParser:
                 head = self._finish()
                 head.body = bytes(buffer[self._scan:])
                 return head
-            self._lines.append(line)
+            self._take(line)  # each line is checked as it comes: a bad one fails at once
         if len(buffer) > self.max_size or self._scan > self.max_size:
             raise CGIResponseError(f"response header block over {self.max_size} bytes "
                                    "(cgi.max_response_header_size)")
@@ -91,54 +96,53 @@ class ResponseHeadParser:
         raise CGIResponseError("end of script output before the blank line that ends the headers; "
                                f"output began {bytes(self._buffer[:60])!r}")
 
+    def _take(self, line: bytes) -> None:
+        if line[:1] in (b" ", b"\t"):
+            raise CGIResponseError(f"continuation line in the response header: {line[:60]!r}")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise CGIResponseError(f"response header line without a colon: {line[:60]!r}")
+        if not _TOKEN.match(name):
+            raise CGIResponseError(f"bad response header name {name[:60]!r}")
+        value = value.strip(b" \t")
+        if b"\x00" in value or b"\r" in value:
+            raise CGIResponseError(f"NUL or CR in the value of response header {name.decode()!r}")
+        lower = name.lower()
+        if lower == b"status":
+            if self._status is not None:
+                raise CGIResponseError("Status given twice")
+            m = _STATUS.match(value)
+            if not m:
+                raise CGIResponseError(f"bad Status {value[:60]!r}: want three digits 200-599 "
+                                       "and an optional reason phrase")
+            self._status = int(m.group(1))
+            self._reason = m.group(2).decode("latin-1").strip() if m.group(2) else None
+            return
+        if lower == b"location":
+            if self._location is not None:
+                raise CGIResponseError("Location given twice")
+            if not value:
+                raise CGIResponseError("empty Location")
+            self._location = value
+        elif lower == b"content-type":
+            self._content_type = True
+        elif lower == b"content-length":
+            if not value.isdigit():
+                raise CGIResponseError(f"bad Content-Length {value[:60]!r}")
+        if lower in HOP_BY_HOP:
+            self._dropped.append(name)
+            return
+        self._headers.append((name, value))
+
     def _finish(self) -> CGIHead:
-        headers: list[tuple[bytes, bytes]] = []
-        dropped: list[bytes] = []
-        status = reason = location = None
-        content_type = False
-        for line in self._lines:
-            if line[:1] in (b" ", b"\t"):
-                raise CGIResponseError(f"continuation line in the response header: {line[:60]!r}")
-            name, colon, value = line.partition(b":")
-            if not colon:
-                raise CGIResponseError(f"response header line without a colon: {line[:60]!r}")
-            if not _TOKEN.match(name):
-                raise CGIResponseError(f"bad response header name {name[:60]!r}")
-            value = value.strip(b" \t")
-            if b"\x00" in value or b"\r" in value:
-                raise CGIResponseError(f"NUL or CR in the value of response header {name.decode()!r}")
-            lower = name.lower()
-            if lower == b"status":
-                if status is not None:
-                    raise CGIResponseError("Status given twice")
-                m = _STATUS.match(value)
-                if not m:
-                    raise CGIResponseError(f"bad Status {value[:60]!r}: want three digits 200-599 "
-                                           "and an optional reason phrase")
-                status = int(m.group(1))
-                reason = m.group(2).decode("latin-1").strip() if m.group(2) else None
-                continue
-            if lower == b"location":
-                if location is not None:
-                    raise CGIResponseError("Location given twice")
-                if not value:
-                    raise CGIResponseError("empty Location")
-                location = value
-            elif lower == b"content-type":
-                content_type = True
-            elif lower == b"content-length":
-                if not value.isdigit():
-                    raise CGIResponseError(f"bad Content-Length {value[:60]!r}")
-            if lower in HOP_BY_HOP:
-                dropped.append(name)
-                continue
-            headers.append((name, value))
-        if status is None and location is None and not content_type:
+        status, location = self._status, self._location
+        if status is None and location is None and not self._content_type:
             raise CGIResponseError("no Content-Type, Location or Status in the response header "
                                    "(RFC 3875 section 6.2 needs at least one)")
         if location is not None and status is None and location.startswith(b"/") \
                 and not location.startswith(b"//"):
-            return CGIHead("local-redirect", 200, None, [], location=location, dropped=dropped)
+            return CGIHead("local-redirect", 200, None, [], location=location, dropped=self._dropped)
         if status is None:
             status = 302 if location is not None else 200
-        return CGIHead("document", status, reason, headers, location=location, dropped=dropped)
+        return CGIHead("document", status, self._reason, self._headers, location=location,
+                       dropped=self._dropped)

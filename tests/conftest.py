@@ -121,14 +121,16 @@ class Daemon:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match:
+    def wait_for_log(self, pattern: str, timeout: float = 10.0, access: bool = False) -> re.Match:
+        """The first match of `pattern` in the error log (or the access log), waiting for it."""
+        text = self.access_text if access else self.error_text
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.search(pattern, self.error_text())
+            m = re.search(pattern, text())
             if m:
                 return m
             time.sleep(0.02)
-        raise AssertionError(f"no log line matching {pattern!r} in:\n{self.error_text()}")
+        raise AssertionError(f"no log line matching {pattern!r} in:\n{text()}")
 
     def wait_no_children(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

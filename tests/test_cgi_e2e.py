@@ -204,7 +204,7 @@ def test_exit_nonzero_without_output(cgi):
                             r"headers.*exit status 1")
     rid = line.group(1)
     cgi.wait_for_log(rf"rid={rid} script=\S+/exit1.sh stderr: about to fail")
-    assert re.search(rf'"GET /t/exit1.sh HTTP/1.1" 502 .* rid={rid}', cgi.access_text())
+    cgi.wait_for_log(rf'"GET /t/exit1.sh HTTP/1.1" 502 .* rid={rid}', access=True)
 
 
 def test_output_without_headers(cgi):
@@ -434,3 +434,35 @@ def test_default_config_serves_the_samples(daemon):
     assert requests.get(f"{d.url}/cgi-bin/hello.pl").text == "Hello, world!\n"
     assert requests.get(f"{d.url}/cgi-bin/hello.py").text == "Hello, world!\n"
     assert sys.executable  # the venv's interpreter ran this suite
+
+
+def test_unix_socket_bind(daemon, tmp_path):
+    import socket as socketlib
+    path = tmp_path / "cgigate.sock"
+    path.touch()
+    os.unlink(path)
+    stale = socketlib.socket(socketlib.AF_UNIX)   # a socket file left by a dead daemon
+    stale.bind(str(path))
+    stale.close()
+    d = daemon("--cgi-dir", SAMPLE_CGI_BIN, "--bind", f"unix:{path}")
+    assert oct(os.stat(path).st_mode & 0o777) == "0o660"
+    sock = socketlib.socket(socketlib.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    sock.sendall(b"GET /cgi-bin/env.py HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 200 OK")
+    assert b'"REMOTE_ADDR": "unix:"' in data
+    assert d.stop() == 0
+    assert not path.exists()
+
+
+def test_sigint_stops_like_sigterm(daemon):
+    d = daemon("--cgi-dir", SAMPLE_CGI_BIN)
+    assert requests.get(f"{d.url}/cgi-bin/hello.sh").status_code == 200
+    d.proc.send_signal(signal.SIGINT)
+    assert d.proc.wait(15) == 0
+    assert "SIGINT: stopped accepting" in d.error_text()

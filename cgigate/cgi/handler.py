@@ -229,6 +229,9 @@ class CGIHandler:
             raise ClientDisconnected() from None
         except HTTPError:
             outcome = "error"
+            body_error = feeder.result() if feeder.done() and not feeder.cancelled() else None
+            if isinstance(body_error, HTTPError):
+                raise body_error from None  # the client's fault (408, 400) explains the script's end
             raise
         finally:
             feeder.cancel()
@@ -245,10 +248,10 @@ class CGIHandler:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s finished in %.6fs (%s)", tag(), time.perf_counter() - started, outcome)
 
-    async def _feed(self, child: ChildProcess, body, spool) -> None:
+    async def _feed(self, child: ChildProcess, body, spool) -> Exception | None:
         """Give the body to stdin, then close it.  If the script stops reading,
         the rest of the body is still read from the client and dropped, so the
-        connection stays in step."""
+        connection stays in step.  Returns the client's error, if the body failed."""
         writer = child.stdin
         try:
             if spool is not None:
@@ -259,14 +262,18 @@ class CGIHandler:
                     await writer.write(data)
         except (BrokenPipeError, ConnectionResetError):
             if body is not None and spool is None:
-                while await body.read():
-                    pass
-        except (HTTPError, ClientDisconnected):
-            # The client stalled or left mid-body: the script gets no more, and
-            # the handler hears of it when it next writes.
+                try:
+                    while await body.read():
+                        pass
+                except (HTTPError, ClientDisconnected) as e:
+                    return e
+        except (HTTPError, ClientDisconnected) as e:
+            # The client stalled or left mid-body: the script gets no more.
             child.kill_group(self.cgi.kill_grace, "client body failed")
+            return e
         finally:
             writer.close()
+        return None
 
     async def _relay(self, request, response, script: Script, child: ChildProcess, tag):
         stdout = child.stdout

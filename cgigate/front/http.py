@@ -65,6 +65,7 @@ class HTTPConnection(asyncio.Protocol):
         self._stop_parsing = False
         # the request being parsed
         self._in_head = False
+        self._in_message = False   # a request began and its last byte has not arrived
         self._head_bytes = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -150,6 +151,7 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_message_begin(self):
         self._in_head = True
+        self._in_message = True
         self._head_bytes = 0
         self._url = b""
         self._headers = []
@@ -200,6 +202,7 @@ class HTTPConnection(asyncio.Protocol):
             request.body.feed(body)
 
     def on_message_complete(self):
+        self._in_message = False
         request = self._current
         if request is not None and request.body is not None:
             request.body.finish()
@@ -270,12 +273,12 @@ class HTTPConnection(asyncio.Protocol):
                     return
                 body = request.body
                 if not response.keeps_alive or not request.keep_alive or request.error is not None:
-                    self._close_after(body)
+                    self._close_after()
                     return
                 if body is not None and not body.complete:
                     # The handler did not read the whole body: its remaining
                     # bytes cannot be told apart from the next request.
-                    self._close_after(body)
+                    self._close_after()
                     return
                 if self.server.shutting_down:
                     self.close()
@@ -287,15 +290,15 @@ class HTTPConnection(asyncio.Protocol):
         if not self.closed and not self.pipeline and not self._in_head:
             self._arm(self.keepalive_timeout, self.close)
 
-    def _close_after(self, body: RequestBody | None) -> None:
+    def _close_after(self) -> None:
         """Close after a response.  When the client may still be sending a body,
         half-close and read a little longer so that it sees the response rather
         than a reset (a lingering close)."""
         transport = self.transport
-        if body is not None and not body.complete and transport.can_write_eof():
+        if self._in_message and not self._in_head and transport.can_write_eof():
             self._stop_parsing = True
-            self.resume_reading("body")
-            self.resume_reading("pipeline")
+            self._pause_reasons.clear()
+            transport.resume_reading()
             try:
                 transport.write_eof()
             except OSError:

@@ -466,3 +466,21 @@ def test_sigint_stops_like_sigterm(daemon):
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(15) == 0
     assert "SIGINT: stopped accepting" in d.error_text()
+
+
+def test_scripts_inherit_only_their_three_streams(cgi):
+    # keep a few client connections open so that there are sockets to leak
+    extra = [cgi.connect() for _ in range(3)]
+    try:
+        for r in (requests.get(f"{cgi.url}/t/fds.py"), requests.post(f"{cgi.url}/t/fds.py", data=b"body")):
+            fds = dict(line.split(" ", 1) for line in r.text.splitlines())
+            assert sorted(fds) == ["0", "1", "2"], fds
+            assert fds["1"].startswith("pipe:") and fds["2"].startswith("pipe:")
+    finally:
+        for sock in extra:
+            sock.close()
+
+
+def test_sigpipe_is_default_in_scripts(cgi):
+    r = requests.get(f"{cgi.url}/t/sigpipe.sh")
+    assert r.text.strip() == "SIGPIPE default"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
 import resource
@@ -195,20 +196,19 @@ class CGIHandler:
         argv = command_line(script, request.query, self.cgi.isindex_argv)
         env = self._environment(request, script, content_length)
         started = time.perf_counter()
+        with_stdin = request.body is not None
         try:
-            child = await spawn(argv, env, script.directory, tag, self.preexec)
-        except BlockingIOError as e:
-            raise HTTPError(503, f"cannot fork for {name}: {e.strerror}", headers=(("Retry-After", "1"),))
+            child = spawn(argv, env, script.directory, tag, with_stdin, self.preexec)
         except MemoryError:
             raise HTTPError(503, f"cannot fork for {name}: out of memory", headers=(("Retry-After", "1"),))
         except OSError as e:
-            if e.errno in (11, 12):  # EAGAIN, ENOMEM
+            if e.errno in (errno.EAGAIN, errno.ENOMEM):
                 raise HTTPError(503, f"cannot fork for {name}: {e.strerror}",
                                 headers=(("Retry-After", "1"),)) from None
-            hint = " (missing or wrong #! line?)" if e.errno in (2, 8) else ""
+            hint = " (missing or wrong #! line?)" if e.errno in (errno.ENOENT, errno.ENOEXEC) else ""
             raise HTTPError(502, f"cannot execute {name}: {e.strerror}{hint}") from None
         loop = asyncio.get_running_loop()
-        feeder = loop.create_task(self._feed(child, request.body, spool))
+        feeder = loop.create_task(self._feed(child, request.body, spool)) if with_stdin else None
         child.exited.add_done_callback(lambda f: _log_exit(f, tag))
         outcome = "client gone"
         deadline = loop.time() + self.timeout
@@ -219,7 +219,7 @@ class CGIHandler:
             return result
         except TimeoutError:
             outcome = "timeout"
-            child.kill_group(self.cgi.kill_grace, "timeout")
+            child.kill_group(self.cgi.kill_grace)
             message = (f"ran over its {self.timeout:g}s timeout; process group killed "
                        f"(SIGTERM, SIGKILL after {self.cgi.kill_grace:g}s)")
             if not response.started:
@@ -229,20 +229,24 @@ class CGIHandler:
             raise ClientDisconnected() from None
         except HTTPError:
             outcome = "error"
-            body_error = feeder.result() if feeder.done() and not feeder.cancelled() else None
+            body_error = feeder.result() if feeder and feeder.done() and not feeder.cancelled() else None
             if isinstance(body_error, HTTPError):
                 raise body_error from None  # the client's fault (408, 400) explains the script's end
             raise
         finally:
-            feeder.cancel()
+            if feeder is not None:
+                feeder.cancel()
             child.close_pipes()
+            # stderr stays open to the end of the script's own output, but a
+            # background process must not hold it (and a descriptor) forever.
+            loop.call_later(EXIT_LINGER + self.cgi.kill_grace, child.stderr.close)
             if child.returncode is None:
                 if outcome == "done":
                     # Output is complete; the script may still be tidying up.  It
                     # keeps its deadline, but no longer holds up the client.
-                    loop.call_at(deadline, child.kill_group, self.cgi.kill_grace, "timeout after output")
+                    loop.call_at(deadline, child.kill_group, self.cgi.kill_grace)
                 else:
-                    child.kill_group(self.cgi.kill_grace, outcome)
+                    child.kill_group(self.cgi.kill_grace)
                     if outcome == "client gone" and not response.finished:
                         log.warning("%s client went away; process group killed", tag())
             if log.isEnabledFor(logging.DEBUG):
@@ -269,7 +273,7 @@ class CGIHandler:
                     return e
         except (HTTPError, ClientDisconnected) as e:
             # The client stalled or left mid-body: the script gets no more.
-            child.kill_group(self.cgi.kill_grace, "client body failed")
+            child.kill_group(self.cgi.kill_grace)
             return e
         finally:
             writer.close()
@@ -288,7 +292,7 @@ class CGIHandler:
             if not stdout.at_eof:
                 log.warning("%s exited but its stdout is still open %gs later (a background "
                             "process?); ending the response", tag(), EXIT_LINGER)
-                child.kill_group(self.cgi.kill_grace, "stdout held open")
+                child.kill_group(self.cgi.kill_grace)
                 stdout.force_eof()
 
         child.exited.add_done_callback(exited)

@@ -1,26 +1,33 @@
 """Child processes for CGI scripts, driven from the event loop.
 
 `spawn` starts a script in a new session (so it leads its own process
-group, which `kill_group` signals as a whole, grandchildren included) with
-three fresh close-on-exec pipes and an environment that is exactly the one
-given.  subprocess.Popen does the fork and exec because it uses vfork when
-it can, which is what makes a process per request affordable; it is used
-for nothing else.
+group, which `kill_group` signals as a whole, grandchildren included), with
+pipes for stdout and stderr, a pipe or /dev/null for stdin, and exactly the
+environment given.  It uses `os.posix_spawn`, which glibc implements with
+`clone(CLONE_VM | CLONE_VFORK)`: the daemon's memory is never copied, so a
+process per request costs little more than the exec itself.  posix_spawn
+cannot change directory, so the daemon changes its own working directory
+around the call and straight back; that is safe because the event loop is
+the only thread and nothing in the daemon uses relative paths once the
+config is loaded.  Resource limits need code to run in the child, so only
+when some are configured does `subprocess.Popen` with a `preexec_fn` do the
+fork instead.
 
-The child is reaped through a pidfd (Linux 5.3+): when the process exits
-the pidfd becomes readable and `wait4` collects it with its rusage.  That
-happens in a loop callback, whatever the request handler is doing, so no
-child outlives its request as a zombie and no thread is needed per child.
+Every descriptor the daemon opens is close-on-exec (PEP 446), so a script
+inherits only its three standard streams.  Signals the daemon ignores
+(SIGPIPE, SIGXFSZ) are reset to their defaults, as a script expects.
 
-`PipeReader` keeps at most `HIGH_WATER` bytes of unread output before it
-stops reading the pipe, so a script writing faster than the client reads
-is slowed by the pipe, not buffered in the daemon.
+The pipes are read and written with `loop.add_reader`/`add_writer` only
+while someone waits on them, so an unread pipe simply fills and stops its
+writer: no output is buffered in the daemon beyond one read.  The child is
+reaped through a pidfd (Linux 5.3+): when it exits the pidfd becomes
+readable and `wait4` collects it with its rusage, whatever the request
+handler is doing, so no child outlives its request as a zombie.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import resource
@@ -30,141 +37,137 @@ from typing import Callable
 
 log = logging.getLogger("cgigate.error")
 
-HIGH_WATER = 256 * 1024
+READ_SIZE = 65536
+_RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)) if s is not None)
+_devnull: int | None = None
+_home: int | None = None
 
 
-class PipeReader(asyncio.Protocol):
-    """The read end of a pipe, as an awaitable stream of chunks."""
+def _devnull_fd() -> int:
+    global _devnull
+    if _devnull is None:
+        _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull
 
-    def __init__(self):
-        self.transport = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
+
+def _home_fd() -> int:
+    """The daemon's own working directory, to return to after each spawn."""
+    global _home
+    if _home is None:
+        _home = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return _home
+
+
+class PipeReader:
+    """The non-blocking read end of a pipe; `read()` returns b"" at its end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int):
+        self.loop = loop
+        self.fd = fd
         self._eof = False
         self._waiter: asyncio.Future | None = None
-        self._paused = False
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def data_received(self, data):
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > HIGH_WATER and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
-        self._wake()
-
-    def eof_received(self):
-        self._eof = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc):
-        self._eof = True
-        self._wake()
-
-    def _wake(self):
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     @property
     def at_eof(self) -> bool:
-        return self._eof and not self._chunks
-
-    def force_eof(self) -> None:
-        """End the stream now, even though the pipe's write end is still open."""
-        self._eof = True
-        if self.transport is not None:
-            self.transport.close()
-        self._wake()
+        return self._eof
 
     async def read(self) -> bytes:
-        while True:
-            if self._chunks:
-                data = self._chunks.popleft()
-                self._buffered -= len(data)
-                if self._paused and self._buffered < HIGH_WATER // 4:
-                    self._paused = False
-                    self.transport.resume_reading()
-                if self._chunks and len(data) < 65536:
-                    # Hand out what has piled up in one piece: fewer writes downstream.
-                    parts = [data]
-                    size = len(data)
-                    while self._chunks and size < 65536:
-                        more = self._chunks.popleft()
-                        self._buffered -= len(more)
-                        size += len(more)
-                        parts.append(more)
-                    data = b"".join(parts)
-                return data
-            if self._eof:
-                return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+        while not self._eof:
             try:
-                await self._waiter
-            finally:
-                self._waiter = None
+                data = os.read(self.fd, READ_SIZE)
+            except BlockingIOError:
+                self._waiter = waiter = self.loop.create_future()
+                self.loop.add_reader(self.fd, _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+                    if self.fd >= 0:
+                        self.loop.remove_reader(self.fd)
+                continue
+            if data:
+                return data
+            self.close()
+        return b""
 
-
-class PipeWriter(asyncio.Protocol):
-    """The write end of a pipe with `drain()`; a closed reader shows as BrokenPipeError."""
-
-    def __init__(self):
-        self.transport = None
-        self._paused = False
-        self._waiters: list[asyncio.Future] = []
-        self.lost = False
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def pause_writing(self):
-        self._paused = True
-
-    def resume_writing(self):
-        self._paused = False
-        self._release(None)
-
-    def connection_lost(self, exc):
-        self.lost = True
-        self._release(exc or BrokenPipeError())
-
-    def _release(self, exc):
-        for waiter in self._waiters:
-            if not waiter.done():
-                if exc is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(exc)
-        self._waiters.clear()
-
-    async def write(self, data: bytes) -> None:
-        if self.lost or self.transport.is_closing():
-            raise BrokenPipeError()
-        self.transport.write(data)
-        if self._paused:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
+    def force_eof(self) -> None:
+        """End the stream now, although the pipe's write end is still open."""
+        self.close()
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        self._eof = True
+        if self.fd >= 0:
+            if self._waiter is not None:
+                self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
 
 
-class LineLogger(asyncio.Protocol):
+class PipeWriter:
+    """The non-blocking write end of a pipe.  A reader that went away shows as
+    BrokenPipeError."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int):
+        self.loop = loop
+        self.fd = fd
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.fd < 0:
+                raise BrokenPipeError()
+            try:
+                written = os.write(self.fd, view)
+            except BlockingIOError:
+                waiter = self.loop.create_future()
+                self.loop.add_writer(self.fd, _wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    if self.fd >= 0:
+                        self.loop.remove_writer(self.fd)
+                continue
+            view = view[written:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class StderrLogger:
     """Sends each line a script writes to stderr to the error log, tagged."""
 
     MAX_LINE = 4096
 
-    def __init__(self, tag: Callable[[], str]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, tag: Callable[[], str]):
+        self.loop = loop
+        self.fd = fd
         self.tag = tag
         self._partial = b""
+        loop.add_reader(fd, self._readable)
 
-    def data_received(self, data):
-        data = self._partial + data
-        *lines, self._partial = data.split(b"\n")
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if self._partial:
+                self._emit(self._partial)
+                self._partial = b""
+            self.close()
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
         if len(self._partial) > self.MAX_LINE:
             lines.append(self._partial)
             self._partial = b""
@@ -175,18 +178,15 @@ class LineLogger(asyncio.Protocol):
         text = line.rstrip(b"\r")[:self.MAX_LINE].decode("utf-8", "backslashreplace")
         log.warning("%s stderr: %s", self.tag(), text)
 
-    def eof_received(self):
-        return False
-
-    def connection_lost(self, exc):
-        if self._partial:
-            self._emit(self._partial)
-            self._partial = b""
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
 
 
 def rlimits_preexec(limits: list[tuple[int, int]]):
-    """A preexec_fn setting resource limits in the child; None when there are none
-    (so Popen can keep using vfork)."""
+    """A preexec_fn setting resource limits in the child; None when there are none."""
     if not limits:
         return None
 
@@ -200,24 +200,21 @@ def rlimits_preexec(limits: list[tuple[int, int]]):
 class ChildProcess:
     """A running script: its pid, its pipes, and a future for its exit."""
 
-    def __init__(self, popen: subprocess.Popen, stdin: PipeWriter, stdout: PipeReader,
+    def __init__(self, pid: int, stdin: PipeWriter | None, stdout: PipeReader, stderr: StderrLogger,
                  exited: asyncio.Future):
-        self.popen = popen
-        self.pid = popen.pid
+        self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
+        self.stderr = stderr
         self.exited = exited          # result: (exit code or -signal, rusage)
-        self.killed_by: str | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
 
     @property
     def returncode(self) -> int | None:
         return self.exited.result()[0] if self.exited.done() else None
 
-    def kill_group(self, grace: float, reason: str) -> None:
+    def kill_group(self, grace: float) -> None:
         """SIGTERM to the whole process group, SIGKILL `grace` seconds later."""
-        if self.killed_by is None:
-            self.killed_by = reason
         try:
             os.killpg(self.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
@@ -232,53 +229,72 @@ class ChildProcess:
             pass
 
     def close_pipes(self) -> None:
-        self.stdin.close()
-        if self.stdout.transport is not None:
-            self.stdout.transport.close()
+        """Our ends of stdin and stdout; stderr closes itself at its end of file."""
+        if self.stdin is not None:
+            self.stdin.close()
+        self.stdout.close()
 
 
-async def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes,
-                stderr_tag: Callable[[], str], preexec=None) -> ChildProcess:
-    """Start `argv` with exactly `env`.  Raises OSError when fork or exec fails."""
+def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes, stderr_tag: Callable[[], str],
+          with_stdin: bool, preexec=None) -> ChildProcess:
+    """Start `argv` (argv[0] an absolute path) with exactly `env` in `cwd`.
+    Raises OSError when the fork or the exec fails."""
     loop = asyncio.get_running_loop()
-    in_r, in_w = os.pipe2(os.O_CLOEXEC)
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    parent_ends = [in_w, out_r, err_r]
+    parent_ends: list[int] = []
+    child_ends: list[int] = []
     try:
-        popen = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=env, cwd=cwd,
-                                 start_new_session=True, close_fds=True, preexec_fn=preexec)
+        if with_stdin:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            child_ends.append(in_r)
+            parent_ends.append(in_w)
+        else:
+            in_r, in_w = _devnull_fd(), -1
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        parent_ends.append(out_r)
+        child_ends.append(out_w)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        parent_ends.append(err_r)
+        child_ends.append(err_w)
+        if preexec is None:
+            home = _home_fd()
+            os.chdir(cwd)
+            try:
+                pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+                    (os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
+                    (os.POSIX_SPAWN_DUP2, err_w, 2)],
+                    setsid=True, setsigdef=_RESET_SIGNALS, setsigmask=())
+            finally:
+                os.fchdir(home)
+        else:
+            popen = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=env, cwd=cwd,
+                                     start_new_session=True, close_fds=True, preexec_fn=preexec)
+            popen.returncode = 0  # reaped below, through the pidfd; Popen must not wait for it
+            pid = popen.pid
     except BaseException:
         for fd in parent_ends:
             os.close(fd)
         raise
     finally:
-        for fd in (in_r, out_w, err_w):
+        for fd in child_ends:
             os.close(fd)
 
     exited = loop.create_future()
-    pidfd = os.pidfd_open(popen.pid)
+    pidfd = os.pidfd_open(pid)
 
     def reap():
         try:
-            pid, status, rusage = os.wait4(popen.pid, os.WNOHANG)
+            reaped, status, rusage = os.wait4(pid, os.WNOHANG)
         except ChildProcessError:
-            pid, status, rusage = popen.pid, 0, None
-        if pid == 0:
-            return  # spurious wake-up
+            reaped, status, rusage = pid, 0, None
+        if reaped == 0:
+            return  # not yet
         loop.remove_reader(pidfd)
         os.close(pidfd)
-        code = os.waitstatus_to_exitcode(status)
-        popen.returncode = code  # so Popen never waits for it again
         if not exited.done():
-            exited.set_result((code, rusage))
+            exited.set_result((os.waitstatus_to_exitcode(status), rusage))
 
     loop.add_reader(pidfd, reap)
-    try:
-        _, stdin = await loop.connect_write_pipe(PipeWriter, open(in_w, "wb", buffering=0))
-        _, stdout = await loop.connect_read_pipe(PipeReader, open(out_r, "rb", buffering=0))
-        await loop.connect_read_pipe(lambda: LineLogger(stderr_tag), open(err_r, "rb", buffering=0))
-    except BaseException:
-        os.killpg(popen.pid, signal.SIGKILL)
-        raise
-    return ChildProcess(popen, stdin, stdout, exited)
+    for fd in parent_ends:
+        os.set_blocking(fd, False)
+    stdin = PipeWriter(loop, in_w) if with_stdin else None
+    return ChildProcess(pid, stdin, PipeReader(loop, out_r), StderrLogger(loop, err_r, stderr_tag), exited)

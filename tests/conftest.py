@@ -175,7 +175,10 @@ def daemon():
     yield start
     try:
         for d in started:
-            if d.proc.poll() is None:
+            code = d.proc.poll()
+            # A daemon the test stopped itself exited 0; any other exit is a crash.
+            assert code in (None, 0), f"daemon died with exit status {code}:\n{d.error_text()}"
+            if code is None:
                 zombies = [c for c in children_of(d.pid) if c[1] == "Z"]
                 # a zombie may exist for a moment between exit and reaping
                 deadline = time.monotonic() + 5

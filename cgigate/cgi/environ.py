@@ -11,7 +11,8 @@ Choices where the RFC leaves room, matching Apache's `util_script.c`:
   name has any character other than a letter, digit or '-' is dropped, so
   `X_Forwarded_For` can never pose as `X-Forwarded-For`.
 - `Proxy` is never passed (httpoxy: HTTP_PROXY would be taken for a proxy
-  setting), nor `Authorization` unless `pass_authorization` is set
+  setting), nor `Transfer-Encoding` (the script gets the decoded body), nor
+  `Authorization` unless `pass_authorization` is set
   (section 4.1.18), nor Content-Length/Content-Type, which become
   CONTENT_LENGTH/CONTENT_TYPE.
 - Repeated headers are joined with ", " (RFC 9110 section 5.3), Cookie with
@@ -36,7 +37,8 @@ from cgigate import SERVER_SOFTWARE
 
 _HEADER_NAME_OK = re.compile(rb"^[A-Za-z0-9-]+$")
 _HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d*))?$")
-_SKIPPED = frozenset({b"proxy", b"content-length", b"content-type"})
+# Transfer-Encoding is hop-by-hop: the script gets the decoded body and its length.
+_SKIPPED = frozenset({b"proxy", b"content-length", b"content-type", b"transfer-encoding"})
 
 
 def header_variable(name: bytes) -> str | None:

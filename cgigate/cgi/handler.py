@@ -214,7 +214,7 @@ class CGIHandler:
         deadline = loop.time() + self.timeout
         try:
             async with asyncio.timeout_at(deadline):
-                result = await self._relay(request, response, script, child, tag)
+                result = await self._relay(request, response, script, child, tag, feeder)
             outcome = "done"
             return result
         except TimeoutError:
@@ -229,7 +229,7 @@ class CGIHandler:
             raise ClientDisconnected() from None
         except HTTPError:
             outcome = "error"
-            body_error = feeder.result() if feeder and feeder.done() and not feeder.cancelled() else None
+            body_error = _body_error(feeder)
             if isinstance(body_error, HTTPError):
                 raise body_error from None  # the client's fault (408, 400) explains the script's end
             raise
@@ -279,7 +279,7 @@ class CGIHandler:
             writer.close()
         return None
 
-    async def _relay(self, request, response, script: Script, child: ChildProcess, tag):
+    async def _relay(self, request, response, script: Script, child: ChildProcess, tag, feeder):
         stdout = child.stdout
         loop = asyncio.get_running_loop()
         where = f"script={os.fsdecode(script.filename)}"   # HTTPError lines carry the rid already
@@ -334,6 +334,11 @@ class CGIHandler:
             await response.write(head.body)
         while data := await stdout.read():
             await response.write(data)
+        body_error = _body_error(feeder)
+        if body_error is not None:
+            # The script was stopped because the request body failed: what it
+            # wrote is not a whole response, and must not be framed as one.
+            raise body_error
         await response.end()
         return None
 
@@ -345,6 +350,12 @@ class CGIHandler:
         except TimeoutError:
             return None
 
+
+
+def _body_error(feeder: asyncio.Task | None) -> Exception | None:
+    if feeder is None or not feeder.done() or feeder.cancelled():
+        return None
+    return feeder.result()
 
 
 def _log_exit(exited: asyncio.Future, tag) -> None:

@@ -52,12 +52,16 @@ def locate(root: bytes, prefix: str, segments: list[bytes],
     """Find the script for `segments` (the decoded path after `prefix`) under `root`,
     the real path of the CGI directory."""
     current = root
+    via_symlink = False
     for index, segment in enumerate(segments):
         if segment.startswith(b"."):
             raise HTTPError(404, f"hidden name {segment!r} is never served")
         candidate = os.path.join(current, segment)
         try:
-            info = os.stat(candidate)
+            info = os.lstat(candidate)
+            if stat.S_ISLNK(info.st_mode):
+                via_symlink = True
+                info = os.stat(candidate)
         except (FileNotFoundError, NotADirectoryError):
             raise HTTPError(404, f"no script {os.fsdecode(candidate)}") from None
         except PermissionError:
@@ -67,7 +71,9 @@ def locate(root: bytes, prefix: str, segments: list[bytes],
         if stat.S_ISDIR(info.st_mode):
             current = candidate
             continue
-        real = os.path.realpath(candidate)
+        # Without a symlink on the way, the walk itself stayed inside root;
+        # with one, only the resolved path can tell.
+        real = os.path.realpath(candidate) if via_symlink else candidate
         if not real.startswith(root + b"/"):
             raise HTTPError(403, f"{os.fsdecode(candidate)} resolves to {os.fsdecode(real)}, "
                             "outside the CGI directory")

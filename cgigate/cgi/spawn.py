@@ -41,6 +41,9 @@ READ_SIZE = 65536
 _RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)) if s is not None)
 _devnull: int | None = None
 _home: int | None = None
+# Process groups of scripts that may still have members (a script's leader
+# may be reaped while a background process of its group lives on).
+_groups: set[int] = set()
 
 
 def _devnull_fd() -> int:
@@ -66,6 +69,7 @@ class PipeReader:
         self.fd = fd
         self._eof = False
         self._waiter: asyncio.Future | None = None
+        self._fresh = True   # a script just started has written nothing yet: wait before reading
 
     @property
     def at_eof(self) -> bool:
@@ -74,6 +78,9 @@ class PipeReader:
     async def read(self) -> bytes:
         while not self._eof:
             try:
+                if self._fresh:
+                    self._fresh = False
+                    raise BlockingIOError
                 data = os.read(self.fd, READ_SIZE)
             except BlockingIOError:
                 self._waiter = waiter = self.loop.create_future()
@@ -290,11 +297,50 @@ def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes, stderr_tag: Ca
             return  # not yet
         loop.remove_reader(pidfd)
         os.close(pidfd)
+        _forget_group_if_empty(pid)
         if not exited.done():
             exited.set_result((os.waitstatus_to_exitcode(status), rusage))
 
     loop.add_reader(pidfd, reap)
+    if len(_groups) > 1024:
+        for pgid in list(_groups):
+            _forget_group_if_empty(pgid)
+    _groups.add(pid)
     for fd in parent_ends:
         os.set_blocking(fd, False)
     stdin = PipeWriter(loop, in_w) if with_stdin else None
     return ChildProcess(pid, stdin, PipeReader(loop, out_r), StderrLogger(loop, err_r, stderr_tag), exited)
+
+
+def _forget_group_if_empty(pgid: int) -> None:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        _groups.discard(pgid)
+
+
+async def terminate_all(grace: float) -> int:
+    """At shutdown: SIGTERM every script process group still alive, SIGKILL
+    what is left `grace` seconds later.  Returns how many groups were signalled."""
+    for pgid in list(_groups):
+        _forget_group_if_empty(pgid)
+    if not _groups:
+        return 0
+    signalled = len(_groups)
+    for pgid in list(_groups):
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            _groups.discard(pgid)
+    deadline = asyncio.get_running_loop().time() + grace
+    while _groups and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        for pgid in list(_groups):
+            _forget_group_if_empty(pgid)
+    for pgid in list(_groups):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    await asyncio.sleep(0.05)  # let the pidfd callbacks reap the leaders
+    return signalled

@@ -172,6 +172,12 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_headers_complete(self):
         self._in_head = False
+        # The head may have arrived in one read, before data_received could
+        # count it: measure what was parsed (request line, fields, CRLFs).
+        head_size = len(self._url) + 16 + sum(len(n) + len(v) + 4 for n, v in self._headers)
+        if head_size > self.max_header_size:
+            raise HTTPError(431, f"request head over {self.max_header_size} bytes "
+                                 "(server.max_header_size)", close=True)
         self.server.request_count += 1
         request_id = f"{_BOOT}{self.server.request_count:06x}"
         parser = self.parser

@@ -14,6 +14,7 @@ cuts what is left (which kills its scripts) and returns.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import socket
 import stat
 
 from cgigate import logs
+from cgigate.cgi import spawn
 from cgigate.cgi.handler import CGIHandler, ChildLimiter, LocalRedirect
 from cgigate.config import Config
 from cgigate.errors import ClientDisconnected, HTTPError
@@ -155,6 +157,9 @@ class Server:
                     conn.task.cancel()
                 conn.close()
             await asyncio.sleep(0.1)  # let the cancelled handlers kill their scripts
+        killed = await spawn.terminate_all(self.config.cgi.kill_grace)
+        if killed:
+            log.warning("stopped %d script process group(s) still running", killed)
         for bind in self.config.binds:
             if bind.is_unix:
                 try:
@@ -203,6 +208,10 @@ async def serve(config: Config) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    # Everything allocated so far lives as long as the daemon: keep the
+    # cyclic garbage collector from walking it again on every collection.
+    gc.collect()
+    gc.freeze()
     for address in server.addresses:
         log.info("listening on %s", address)
     for line in _describe_routes(config):

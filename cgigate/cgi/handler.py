@@ -36,13 +36,12 @@ import time
 from cgigate.cgi.environ import meta_variables, to_environb
 from cgigate.cgi.response import CGIResponseError, ResponseHeadParser
 from cgigate.cgi.script import Script, command_line, locate
-from cgigate.cgi.spawn import ChildProcess, rlimits_preexec, spawn
+from cgigate.cgi.spawn import EXIT_LINGER, ChildProcess, rlimits_preexec, spawn
 from cgigate.errors import ClientDisconnected, HTTPError
 
 log = logging.getLogger("cgigate.error")
 
 SPOOL_IN_MEMORY = 1024 * 1024
-EXIT_LINGER = 1.0          # seconds stdout may stay open after the script exited
 READ_SIZE = 65536
 
 
@@ -198,7 +197,7 @@ class CGIHandler:
         started = time.perf_counter()
         with_stdin = request.body is not None
         try:
-            child = spawn(argv, env, script.directory, tag, with_stdin, self.preexec)
+            child = spawn(argv, env, script.directory, tag, with_stdin, self.cgi.kill_grace, self.preexec)
         except MemoryError:
             raise HTTPError(503, f"cannot fork for {name}: out of memory", headers=(("Retry-After", "1"),))
         except OSError as e:
@@ -219,7 +218,7 @@ class CGIHandler:
             return result
         except TimeoutError:
             outcome = "timeout"
-            child.kill_group(self.cgi.kill_grace)
+            child.kill_group()
             message = (f"ran over its {self.timeout:g}s timeout; process group killed "
                        f"(SIGTERM, SIGKILL after {self.cgi.kill_grace:g}s)")
             if not response.started:
@@ -244,9 +243,9 @@ class CGIHandler:
                 if outcome == "done":
                     # Output is complete; the script may still be tidying up.  It
                     # keeps its deadline, but no longer holds up the client.
-                    loop.call_at(deadline, child.kill_group, self.cgi.kill_grace)
+                    child.kill_group_at(deadline)
                 else:
-                    child.kill_group(self.cgi.kill_grace)
+                    child.kill_group()
                     if outcome == "client gone" and not response.finished:
                         log.warning("%s client went away; process group killed", tag())
             if log.isEnabledFor(logging.DEBUG):
@@ -273,7 +272,7 @@ class CGIHandler:
                     return e
         except (HTTPError, ClientDisconnected) as e:
             # The client stalled or left mid-body: the script gets no more.
-            child.kill_group(self.cgi.kill_grace)
+            child.kill_group()
             return e
         finally:
             writer.close()
@@ -281,21 +280,7 @@ class CGIHandler:
 
     async def _relay(self, request, response, script: Script, child: ChildProcess, tag, feeder):
         stdout = child.stdout
-        loop = asyncio.get_running_loop()
         where = f"script={os.fsdecode(script.filename)}"   # HTTPError lines carry the rid already
-
-        def exited(_):
-            if not stdout.at_eof:
-                loop.call_later(EXIT_LINGER, linger_over)
-
-        def linger_over():
-            if not stdout.at_eof:
-                log.warning("%s exited but its stdout is still open %gs later (a background "
-                            "process?); ending the response", tag(), EXIT_LINGER)
-                child.kill_group(self.cgi.kill_grace)
-                stdout.force_eof()
-
-        child.exited.add_done_callback(exited)
 
         if script.is_nph:
             first = True
@@ -345,8 +330,7 @@ class CGIHandler:
     async def _exit_code(self, child: ChildProcess) -> int | None:
         try:
             async with asyncio.timeout(EXIT_LINGER):
-                code, _ = await asyncio.shield(child.exited)
-                return code
+                return await asyncio.shield(child.exited)
         except TimeoutError:
             return None
 
@@ -362,7 +346,7 @@ def _log_exit(exited: asyncio.Future, tag) -> None:
     """Runs when the script is reaped: a failure after its output began is worth a line."""
     if exited.cancelled():
         return
-    code = exited.result()[0]
+    code = exited.result()
     if code:
         log.warning("%s %s", tag(), _describe_exit(code))
 

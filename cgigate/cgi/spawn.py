@@ -17,6 +17,15 @@ Every descriptor the daemon opens is close-on-exec (PEP 446), so a script
 inherits only its three standard streams.  Signals the daemon ignores
 (SIGPIPE, SIGXFSZ) are reset to their defaults, as a script expects.
 
+A process group is signalled only while its leader is unreaped: the
+leader's pid (and so the group id) cannot be reused before that.  So when a
+leader exits, a pending kill is finished (SIGKILL to the group) before it
+is reaped, and a leader whose stdout is still held open by a background
+process stays a zombie for up to `EXIT_LINGER` seconds while that process
+gets the chance to finish, then its group is killed.  Background processes
+that do not hold stdout are left alone when a script exits normally, as
+Apache leaves them.
+
 The pipes are read and written with `loop.add_reader`/`add_writer` only
 while someone waits on them, so an unread pipe simply fills and stops its
 writer: no output is buffered in the daemon beyond one read.  The child is
@@ -41,9 +50,11 @@ READ_SIZE = 65536
 _RESET_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)) if s is not None)
 _devnull: int | None = None
 _home: int | None = None
-# Process groups of scripts that may still have members (a script's leader
-# may be reaped while a background process of its group lives on).
-_groups: set[int] = set()
+# Scripts whose leader has not been reaped yet.  Only these process groups
+# are ever signalled: an unreaped leader pins its pid, so the group id cannot
+# have been reused by an unrelated process.
+_unreaped: set["ChildProcess"] = set()
+EXIT_LINGER = 1.0   # seconds stdout may stay open after the script exited
 
 
 def _devnull_fd() -> int:
@@ -205,35 +216,99 @@ def rlimits_preexec(limits: list[tuple[int, int]]):
 
 
 class ChildProcess:
-    """A running script: its pid, its pipes, and a future for its exit."""
+    """A running script: its pid, its pipes, and a future for its exit status."""
 
-    def __init__(self, pid: int, stdin: PipeWriter | None, stdout: PipeReader, stderr: StderrLogger,
-                 exited: asyncio.Future):
+    def __init__(self, loop: asyncio.AbstractEventLoop, pid: int, pidfd: int, stdin: PipeWriter | None,
+                 stdout: PipeReader, stderr: StderrLogger, tag: Callable[[], str], grace: float):
+        self.loop = loop
         self.pid = pid
+        self.pidfd = pidfd
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
-        self.exited = exited          # result: (exit code or -signal, rusage)
-        self._kill_timer: asyncio.TimerHandle | None = None
+        self.tag = tag
+        self.grace = grace
+        self.exited: asyncio.Future = loop.create_future()   # (exit code or -signal)
+        self.reaped = False
+        self.kill_requested = False
+        self._timers: list[asyncio.TimerHandle] = []
+        loop.add_reader(pidfd, self._exit_seen)
+        _unreaped.add(self)
 
     @property
     def returncode(self) -> int | None:
-        return self.exited.result()[0] if self.exited.done() else None
+        return self.exited.result() if self.exited.done() else None
 
-    def kill_group(self, grace: float) -> None:
+    def kill_group(self) -> None:
         """SIGTERM to the whole process group, SIGKILL `grace` seconds later."""
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
+        if self.reaped or self.kill_requested:
             return
-        if self._kill_timer is None:
-            self._kill_timer = asyncio.get_running_loop().call_later(grace, self._kill_now)
+        self.kill_requested = True
+        self._signal_group(signal.SIGTERM)
+        self._timers.append(self.loop.call_later(self.grace, self._signal_group, signal.SIGKILL))
 
-    def _kill_now(self) -> None:
+    def kill_group_at(self, when: float) -> None:
+        """kill_group() at loop time `when`, unless the script is reaped first."""
+        if not self.reaped:
+            self._timers.append(self.loop.call_at(when, self.kill_group))
+
+    def _signal_group(self, signum: int) -> None:
+        if self.reaped:
+            return
         try:
-            os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def _exit_seen(self) -> None:
+        # Read the status without reaping (WNOWAIT): the zombie keeps the group id ours.
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            info = None
+        if info is None:
+            return
+        self.loop.remove_reader(self.pidfd)
+        if not self.exited.done():
+            code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+            self.exited.set_result(code)
+        if self.kill_requested:
+            self._signal_group(signal.SIGKILL)   # what ignored SIGTERM goes with its leader
+            self._reap()
+        elif not self.stdout.at_eof:
+            self._timers.append(self.loop.call_later(EXIT_LINGER, self._linger_over))
+        else:
+            self._reap()
+
+    def _linger_over(self) -> None:
+        if not self.stdout.at_eof:
+            log.warning("%s exited but its stdout is still open %gs later (a background "
+                        "process?); ending the response and killing its process group",
+                        self.tag(), EXIT_LINGER)
+            self.stdout.force_eof()
+            self.kill_requested = True
+            self._signal_group(signal.SIGTERM)
+            self._timers.append(self.loop.call_later(self.grace, self._kill_and_reap))
+        else:
+            self._reap()
+
+    def _kill_and_reap(self) -> None:
+        self._signal_group(signal.SIGKILL)
+        self._reap()
+
+    def _reap(self) -> None:
+        if self.reaped:
+            return
+        try:
+            os.waitpid(self.pid, 0)   # a zombie by now: does not block
+        except ChildProcessError:
+            pass
+        self.reaped = True
+        _unreaped.discard(self)
+        os.close(self.pidfd)
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
 
     def close_pipes(self) -> None:
         """Our ends of stdin and stdout; stderr closes itself at its end of file."""
@@ -243,7 +318,7 @@ class ChildProcess:
 
 
 def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes, stderr_tag: Callable[[], str],
-          with_stdin: bool, preexec=None) -> ChildProcess:
+          with_stdin: bool, grace: float, preexec=None) -> ChildProcess:
     """Start `argv` (argv[0] an absolute path) with exactly `env` in `cwd`.
     Raises OSError when the fork or the exec fails."""
     loop = asyncio.get_running_loop()
@@ -275,7 +350,7 @@ def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes, stderr_tag: Ca
         else:
             popen = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=env, cwd=cwd,
                                      start_new_session=True, close_fds=True, preexec_fn=preexec)
-            popen.returncode = 0  # reaped below, through the pidfd; Popen must not wait for it
+            popen.returncode = 0  # reaped through the pidfd; Popen must not wait for it
             pid = popen.pid
     except BaseException:
         for fd in parent_ends:
@@ -284,63 +359,21 @@ def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes, stderr_tag: Ca
     finally:
         for fd in child_ends:
             os.close(fd)
-
-    exited = loop.create_future()
-    pidfd = os.pidfd_open(pid)
-
-    def reap():
-        try:
-            reaped, status, rusage = os.wait4(pid, os.WNOHANG)
-        except ChildProcessError:
-            reaped, status, rusage = pid, 0, None
-        if reaped == 0:
-            return  # not yet
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        _forget_group_if_empty(pid)
-        if not exited.done():
-            exited.set_result((os.waitstatus_to_exitcode(status), rusage))
-
-    loop.add_reader(pidfd, reap)
-    if len(_groups) > 1024:
-        for pgid in list(_groups):
-            _forget_group_if_empty(pgid)
-    _groups.add(pid)
     for fd in parent_ends:
         os.set_blocking(fd, False)
     stdin = PipeWriter(loop, in_w) if with_stdin else None
-    return ChildProcess(pid, stdin, PipeReader(loop, out_r), StderrLogger(loop, err_r, stderr_tag), exited)
-
-
-def _forget_group_if_empty(pgid: int) -> None:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        _groups.discard(pgid)
+    return ChildProcess(loop, pid, os.pidfd_open(pid), stdin, PipeReader(loop, out_r),
+                        StderrLogger(loop, err_r, stderr_tag), stderr_tag, grace)
 
 
 async def terminate_all(grace: float) -> int:
-    """At shutdown: SIGTERM every script process group still alive, SIGKILL
-    what is left `grace` seconds later.  Returns how many groups were signalled."""
-    for pgid in list(_groups):
-        _forget_group_if_empty(pgid)
-    if not _groups:
-        return 0
-    signalled = len(_groups)
-    for pgid in list(_groups):
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            _groups.discard(pgid)
-    deadline = asyncio.get_running_loop().time() + grace
-    while _groups and asyncio.get_running_loop().time() < deadline:
+    """At shutdown: SIGTERM every script still running, SIGKILL its group
+    `grace` seconds later.  Returns how many there were."""
+    children = list(_unreaped)
+    for child in children:
+        child.kill_group()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace + 0.5
+    while _unreaped and loop.time() < deadline:
         await asyncio.sleep(0.05)
-        for pgid in list(_groups):
-            _forget_group_if_empty(pgid)
-    for pgid in list(_groups):
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    await asyncio.sleep(0.05)  # let the pidfd callbacks reap the leaders
-    return signalled
+    return len(children)

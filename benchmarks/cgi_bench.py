@@ -58,35 +58,35 @@ def log(msg: str = "") -> None:
 # process handling
 # --------------------------------------------------------------------------
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, pgid) for every process we can see."""
-    out = {}
+def _stat(pid: int) -> tuple[int, int, str, int] | None:
+    """(ppid, pgid, state, starttime) from /proc/PID/stat, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rfind(b")") + 2:].split()
+    try:
+        return int(rest[1]), int(rest[2]), rest[0].decode(), int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _tree(root: int) -> dict[int, int]:
+    """root, its descendants and every member of its process group: pid -> starttime."""
+    table = {}
     for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2:].split()
-        try:
-            out[int(d)] = (int(rest[1]), int(rest[2]))
-        except (IndexError, ValueError):
-            continue
-    return out
-
-
-def _tree(root: int) -> set[int]:
-    """root, its descendants, and every member of its process group."""
-    table = _proc_table()
-    found = {root} | {pid for pid, (_, pgid) in table.items() if pgid == root}
+        if d.isdigit():
+            st = _stat(int(d))
+            if st is not None:
+                table[int(d)] = st
+    found = {pid: st[3] for pid, st in table.items() if pid == root or st[1] == root}
     changed = True
     while changed:
         changed = False
-        for pid, (ppid, _) in table.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
+        for pid, st in table.items():
+            if st[0] in found and pid not in found:
+                found[pid] = st[3]
                 changed = True
     return found
 
@@ -119,26 +119,37 @@ class Proc:
         return "\n".join(lines[-n:])
 
     def stop(self) -> None:
-        """SIGTERM the whole tree, wait a little, SIGKILL whatever still runs."""
-        pids = _tree(self.p.pid)
-        for pid in pids:
-            _signal(pid, signal.SIGTERM)
-        try:
-            self.p.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and any(_running(pid) for pid in pids):
-            time.sleep(0.05)
+        """Stop the process, then everything left of its tree and process group.
+
+        The root goes first so that a pre-forking parent (fcgiwrap, the nginx
+        master) stops respawning workers; fcgiwrap does not take its workers
+        down with it, so the rest are signalled afterwards.  Orphans lose their
+        parent link but keep the process group id, and a snapshot taken before
+        the root dies covers children that moved to groups of their own.
+        """
+        root = self.p.pid
+        snapshot = _tree(root)
         if self.alive():
-            pids |= _tree(self.p.pid)
-        for pid in pids:
-            if _running(pid):
-                _signal(pid, signal.SIGKILL)
-        try:
-            self.p.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            pass
+            _signal(root, signal.SIGTERM)
+            try:
+                self.p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                snapshot.update(_tree(root))
+                _signal(root, signal.SIGKILL)
+                try:
+                    self.p.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    pass
+        for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
+            snapshot.update(_tree(root))
+            left = {pid: t for pid, t in snapshot.items() if pid != root and _running(pid, t)}
+            if not left:
+                break
+            for pid in left:
+                _signal(pid, sig)
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and any(_running(p, t) for p, t in left.items()):
+                time.sleep(0.05)
         self._log.close()
 
 
@@ -149,14 +160,32 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _running(pid: int) -> bool:
-    """Exists and is not a zombie."""
+def _running(pid: int, starttime: int) -> bool:
+    """Still the same process (same start time), and not a zombie."""
+    st = _stat(pid)
+    return st is not None and st[3] == starttime and st[2] != "Z"
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (prctl PR_SET_CHILD_SUBREAPER), so that workers
+    outliving their parent (fcgiwrap's do) are reaped by us, not left to init."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rfind(b")") + 2:][:1] != b"Z"
-    except OSError:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except Exception:  # noqa: BLE001
         return False
+
+
+def reap_children() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def free_port() -> int:
@@ -423,7 +452,7 @@ def verify(s: System, script: str) -> dict:
         return {"ok": ok, "exit": cp.returncode, "stdout": cp.stdout[:200].decode("latin-1"),
                 "why": "" if ok else f"exit {cp.returncode}, stdout {cp.stdout[:80]!r}"}
     try:
-        r = loadgen.http_get(HOST, s.port, f"/cgi-bin/{script}", timeout=10)
+        r = loadgen.http_get(HOST, s.port, f"/cgi-bin/{script}", timeout=10, close=False)
     except Exception as e:  # noqa: BLE001
         return {"ok": False, "why": f"{type(e).__name__}: {e}"}
     ok = r.status == 200 and EXPECT in r.body
@@ -582,7 +611,8 @@ def build_tables(results: dict, systems: dict[str, System], cells: list[tuple[st
             if entry is not None and entry.get("skipped"):
                 notes.append(f"{name}: {entry['skipped']}")
             if entry is None or not entry.get("runs"):
-                why = (entry or {}).get("skipped") or (s.reason if s else "not started")
+                why = ((entry or {}).get("skipped") or (s.reason if s is not None and not s.ok else "")
+                       or "not measured (run interrupted)")
                 rows.append([name, "—", "", "—", "—", "—", "—"])
                 if not (entry or {}).get("skipped"):
                     notes.append(f"{name}: {why}")
@@ -618,14 +648,19 @@ def print_tables(tables, plain: bool, caption: str) -> None:
             from rich.console import Console
             from rich.table import Table
 
-            console = Console()
+            # rich assumes 80 columns when stdout is not a terminal: too narrow here
+            console = Console(width=None if sys.stdout.isatty() else 150)
         except ImportError:
             console = None
     for title, header, rows, notes in tables:
+        if all(not r[2] for r in rows):  # one run per cell: no min–max spread to show
+            header = header[:2] + header[3:]
+            rows = [r[:2] + r[3:] for r in rows]
+        left = {0, header.index("errors")}
         if console is not None:
             t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
             for i, h in enumerate(header):
-                t.add_column(h, justify="left" if i in (0, 5) else "right")
+                t.add_column(h, justify="left" if i in left else "right", no_wrap=i == 0)
             for r in rows:
                 t.add_row(*r)
             console.print(t)
@@ -636,7 +671,7 @@ def print_tables(tables, plain: bool, caption: str) -> None:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
         def line(cells):
-            return "  ".join(c.ljust(w) if i in (0, 5) else c.rjust(w)
+            return "  ".join(c.ljust(w) if i in left else c.rjust(w)
                              for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
         log(f"== {title} ==")
@@ -837,8 +872,11 @@ def main(argv=None) -> int:
                         log(f"[run {run}/{args.runs}] {key:<14} {name:<15} {r['rps']:>9,.1f} req/s"
                             f"  p50 {_fmt(lat['p50'], 2):>8} ms  p99 {_fmt(lat['p99'], 2):>8} ms"
                             f"  failed {r['failed']}"
+                            + (f"  conns {r['connects']}" if r.get("connects") is not None else "")
                             + (f"  listen-overflows {r['listen_overflows']}"
-                               if r.get("listen_overflows") else ""))
+                               if r.get("listen_overflows") else "")
+                            + (f"  stale-conn-retries {r['stale_connection_retries']}"
+                               if r.get("stale_connection_retries") else ""))
                     else:
                         log(f"[run {run}/{args.runs}] {key:<14} {name:<15} FAILED: {r['why']}")
     except KeyboardInterrupt:
@@ -846,8 +884,13 @@ def main(argv=None) -> int:
         rc = 130
         log("\ninterrupted: cleaning up and writing partial results")
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abort the cleanup
+        # only now, not while measuring: orphans of the systems become our children
+        become_subreaper()
         for s in systems.values():
             s.stop()
+        reap_children()
         shutil.rmtree(tmp, ignore_errors=True)
 
     # summaries and ratios
@@ -878,7 +921,9 @@ def main(argv=None) -> int:
     log()
     print_tables(build_tables(results, systems, cells, args.systems), args.plain, caption)
     if CGIGATE in systems and not systems[CGIGATE].ok:
-        log(f"cgigate: NOT MEASURED — {systems[CGIGATE].reason}")
+        measured = any(c.get(CGIGATE, {}).get("runs") for c in results.values())
+        log(f"cgigate: {'NOT FULLY MEASURED' if measured else 'NOT MEASURED'} — "
+            f"{systems[CGIGATE].reason}")
 
     outp = Path(args.out)
     outp.parent.mkdir(parents=True, exist_ok=True)

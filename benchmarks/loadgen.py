@@ -250,11 +250,18 @@ class ResponseParser:
 # Small synchronous GET, used for readiness checks and body verification
 # --------------------------------------------------------------------------
 
-def http_get(host: str, port: int, path: str, timeout: float = 5.0) -> ResponseParser:
-    """One GET on a fresh connection; returns the parsed response (raises on error)."""
+def http_get(host: str, port: int, path: str, timeout: float = 5.0,
+             close: bool = True) -> ResponseParser:
+    """One GET on a fresh connection; returns the parsed response (raises on error).
+
+    With close=False the request is the same one the load generator sends (no
+    Connection header), so the response's keep_alive tells whether the server
+    would let the connection be reused; the socket is closed either way.
+    """
     req = (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        "User-Agent: cgibench\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "User-Agent: cgibench\r\nAccept: */*\r\n"
+        + ("Connection: close\r\n" if close else "") + "\r\n"
     ).encode()
     deadline = time.monotonic() + timeout
     with socket.create_connection((host, port), timeout=timeout) as s:
@@ -449,12 +456,17 @@ async def _http_main(host, port, path, concurrency, duration, warmup, timeout, e
         if not fut.done():
             fut.set_exception(TimeoutError())
 
+    stale_retries = 0
+
     async def worker():
+        nonlocal stale_retries
         proto: _ClientProto | None = None
         served = 0
+        retry_t0 = None
         while True:
-            t0 = time.perf_counter()
-            if t0 >= stop_at:
+            t0 = time.perf_counter() if retry_t0 is None else retry_t0
+            retried, retry_t0 = retry_t0 is not None, None
+            if t0 >= stop_at and not retried:
                 break
             try:
                 if proto is None or proto.closed:
@@ -474,6 +486,18 @@ async def _http_main(host, port, path, concurrency, duration, warmup, timeout, e
                     th.cancel()
             except Exception as e:
                 t1 = time.perf_counter()
+                if (isinstance(e, ConnectionResetError) and served and not retried
+                        and proto is not None and proto.parser is not None
+                        and proto.parser.state == _HEAD and not proto.parser.buf):
+                    # a reused keep-alive connection was closed before any byte of the
+                    # answer: retry once on a new connection, like real clients do
+                    # (the latency keeps the original start time)
+                    stale_retries += 1
+                    if proto.transport is not None:
+                        proto.transport.abort()
+                    proto.closed = True
+                    retry_t0 = t0
+                    continue
                 rec.error(t1, _error_kind(e))
                 if proto is not None and proto.transport is not None:
                     proto.transport.abort()
@@ -513,6 +537,7 @@ async def _http_main(host, port, path, concurrency, duration, warmup, timeout, e
             round(sum(requests_per_conn) / len(requests_per_conn), 2) if requests_per_conn else None
         ),
         cancelled_workers=len(pending),
+        stale_connection_retries=stale_retries,
     )
 
 

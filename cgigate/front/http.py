@@ -23,7 +23,6 @@ import asyncio
 import collections
 import logging
 import os
-import time
 from typing import TYPE_CHECKING
 
 import httptools
@@ -392,7 +391,3 @@ def _peer(client) -> str:
     if isinstance(client, tuple) and client:
         return f"{client[0]}:{client[1]}"
     return "unix"
-
-
-def monotonic() -> float:
-    return time.monotonic()

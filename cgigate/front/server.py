@@ -78,10 +78,10 @@ class Server:
             status = response.status
         except HTTPError as e:
             status = e.status
-            level = logging.WARNING if e.status < 500 or e.status == 503 else logging.ERROR
-            if e.status >= 500 or log.isEnabledFor(logging.INFO):
-                log.log(level if e.status >= 500 else logging.INFO, "rid=%s %s %s -> %d: %s",
-                        request.request_id, request.method, _target(request), e.status, e.detail)
+            # A client's mistake is news, a refusal under load a warning, a failure an error.
+            level = logging.INFO if e.status < 500 else logging.WARNING if e.status == 503 else logging.ERROR
+            log.log(level, "rid=%s %s %s -> %d: %s", request.request_id, request.method,
+                    _target(request), e.status, e.detail)
             if not response.started and not request.connection.closed:
                 if e.close:
                     response.will_close()

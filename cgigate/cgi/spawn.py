@@ -81,6 +81,7 @@ class PipeReader:
         self._eof = False
         self._waiter: asyncio.Future | None = None
         self._fresh = True   # a script just started has written nothing yet: wait before reading
+        self.on_close: Callable[[], None] | None = None
 
     @property
     def at_eof(self) -> bool:
@@ -121,6 +122,8 @@ class PipeReader:
                 self.loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
+            if self.on_close is not None:
+                self.on_close()
 
 
 class PipeWriter:
@@ -233,6 +236,7 @@ class ChildProcess:
         self.kill_requested = False
         self._timers: list[asyncio.TimerHandle] = []
         loop.add_reader(pidfd, self._exit_seen)
+        stdout.on_close = self._stdout_closed
         _unreaped.add(self)
 
     @property
@@ -278,6 +282,12 @@ class ChildProcess:
         elif not self.stdout.at_eof:
             self._timers.append(self.loop.call_later(EXIT_LINGER, self._linger_over))
         else:
+            self._reap()
+
+    def _stdout_closed(self) -> None:
+        # The usual order: the exit is seen in the same wake-up as the last
+        # output, before that output is read.  Once stdout is done, reap.
+        if self.exited.done() and not self.kill_requested:
             self._reap()
 
     def _linger_over(self) -> None:

@@ -18,8 +18,6 @@ import gc
 import logging
 import os
 import signal
-import socket
-import stat
 
 from cgigate import logs
 from cgigate.cgi import spawn
@@ -27,6 +25,7 @@ from cgigate.cgi.handler import CGIHandler, ChildLimiter, LocalRedirect
 from cgigate.config import Config
 from cgigate.errors import ClientDisconnected, HTTPError
 from cgigate.front.http import HTTPConnection
+from cgigate.front.listeners import open_listeners, remove_unix_sockets
 from cgigate.front.paths import decode_segments
 
 log = logging.getLogger("cgigate.error")
@@ -114,23 +113,12 @@ class Server:
 
     # --- lifecycle ---
 
-    async def start(self) -> None:
+    async def start(self, listeners) -> None:
         loop = asyncio.get_running_loop()
-        for bind in self.config.binds:
-            if bind.is_unix:
-                _remove_stale_socket(bind.path)
-                listener = await loop.create_unix_server(lambda: HTTPConnection(self), bind.path,
-                                                         backlog=1024)
-                os.chmod(bind.path, self.config.server.unix_socket_mode)
-                self.addresses.append(f"unix:{bind.path}")
-            else:
-                listener = await loop.create_server(lambda: HTTPConnection(self), bind.host, bind.port,
-                                                    reuse_address=True, backlog=1024)
-                for sock in listener.sockets:
-                    host, port = sock.getsockname()[:2]
-                    shown = f"[{host}]" if ":" in host else host
-                    self.addresses.append(f"http://{shown}:{port}/")
-            self.listeners.append(listener)
+        for sock, address in listeners:
+            self.listeners.append(await loop.create_server(lambda: HTTPConnection(self), sock=sock,
+                                                           backlog=1024))
+            self.addresses.append(address)
 
     async def stop(self, reason: str) -> None:
         grace = self.config.server.graceful_timeout
@@ -160,45 +148,17 @@ class Server:
         killed = await spawn.terminate_all(self.config.cgi.kill_grace)
         if killed:
             log.warning("stopped %d script process group(s) still running", killed)
-        for bind in self.config.binds:
-            if bind.is_unix:
-                try:
-                    os.unlink(bind.path)
-                except FileNotFoundError:
-                    pass
 
 
 def _target(request) -> str:
     return request.target.decode("latin-1")[:200]
 
 
-def _remove_stale_socket(path: str) -> None:
-    """A socket file left by a daemon that died is removed; a live one is an error."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket; remove it or bind elsewhere")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(f"{path} is in use by another server")
-
-
-async def serve(config: Config) -> int:
+async def serve(config: Config, listeners, announce: bool = True) -> int:
+    """Serve `listeners` until SIGTERM or SIGINT, then stop gracefully."""
     loop = asyncio.get_running_loop()
     server = Server(config)
-    try:
-        await server.start()
-    except OSError as e:
-        log.error("cannot listen: %s", e)
-        return 1
+    await server.start(listeners)
     stop = asyncio.Event()
     received: list[str] = []
 
@@ -212,10 +172,11 @@ async def serve(config: Config) -> int:
     # cyclic garbage collector from walking it again on every collection.
     gc.collect()
     gc.freeze()
-    for address in server.addresses:
-        log.info("listening on %s", address)
-    for line in _describe_routes(config):
-        log.info("%s", line)
+    if announce:
+        for address in server.addresses:
+            log.info("listening on %s", address)
+        for line in _describe_routes(config):
+            log.info("%s", line)
     await stop.wait()
     await server.stop(received[0])
     log.info("stopped")
@@ -227,12 +188,37 @@ def _describe_routes(config: Config):
     return [line for line in describe(config).splitlines() if not line.startswith("listen")]
 
 
-def run(config: Config) -> int:
-    logs.setup(config.server.access_log, config.server.error_log, config.server.log_level)
+def run_loop(coroutine) -> int:
+    """Run `coroutine` on uvloop when it is installed, else on asyncio's loop."""
     try:
         import uvloop
     except ImportError:
-        uvloop = None
-    if uvloop is not None:
-        return uvloop.run(serve(config))
-    return asyncio.run(serve(config))
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def run(config: Config) -> int:
+    logs.setup(config.server.access_log, config.server.error_log, config.server.log_level)
+    _ensure_standard_fds()
+    try:
+        listeners = open_listeners(config)
+    except OSError as e:
+        log.error("cannot listen: %s", e.strerror or e)
+        return 1
+    try:
+        if config.server.workers > 1:
+            from cgigate.front.arbiter import Arbiter
+            return Arbiter(config, listeners).run()
+        return run_loop(serve(config, listeners))
+    finally:
+        remove_unix_sockets(config)
+
+
+def _ensure_standard_fds() -> None:
+    """A daemon started with fd 0, 1 or 2 closed would hand those numbers to
+    pipes, and a script's dup2 onto its standard streams would go wrong."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)

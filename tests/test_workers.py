@@ -1,0 +1,77 @@
+"""`[server] workers` > 1: pre-forked front processes sharing the listening sockets."""
+
+import os
+import signal
+import threading
+import time
+
+import requests
+
+from conftest import SAMPLE_CGI_BIN, TEST_CGI_BIN, children_of
+
+
+def live_workers(d) -> list[int]:
+    return [pid for pid, state in children_of(d.pid) if state != "Z"]
+
+
+def wait_workers(d, count: int, timeout: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = live_workers(d)
+        if len(pids) == count:
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} workers, have {live_workers(d)}")
+
+
+def test_two_workers_serve(daemon):
+    d = daemon("--cgi-dir", TEST_CGI_BIN, "--workers", "2")
+    workers = wait_workers(d, 2)
+    parents = set()
+    for _ in range(40):
+        r = requests.get(f"{d.url}/cgi-bin/ppid.sh")   # a new connection each time
+        assert r.status_code == 200
+        parents.add(int(r.text))
+    # Every script was started by one of the two workers, never by the arbiter.
+    # (Which worker accepts a connection is the kernel's choice.)
+    assert parents <= set(workers), (parents, workers)
+    d.wait_for_log(r"worker 0 started \(pid \d+\)")
+    d.wait_for_log(r"worker 1 started \(pid \d+\)")
+    assert sorted(workers) == sorted(live_workers(d))
+
+
+def test_a_dead_worker_is_replaced(daemon):
+    d = daemon("--cgi-dir", SAMPLE_CGI_BIN, "--workers", "2")
+    victim, survivor = wait_workers(d, 2)
+    os.kill(victim, signal.SIGKILL)
+    d.wait_for_log(rf"worker \d \(pid {victim}\) died: killed by SIGKILL; starting another")
+    replaced = wait_workers(d, 2)
+    assert victim not in replaced and survivor in replaced
+    for _ in range(10):
+        assert requests.get(f"{d.url}/cgi-bin/hello.sh").text == "Hello, world!\n"
+
+
+def test_sigterm_lets_in_flight_requests_finish(daemon, tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"[server]\nworkers = 2\n[[route]]\nprefix = \"/t/\"\ncgi_dir = \"{TEST_CGI_BIN}\"\n")
+    d = daemon("-c", str(conf))
+    wait_workers(d, 2)
+    results = []
+    t = threading.Thread(target=lambda: results.append(requests.get(f"{d.url}/t/wait.sh?1", timeout=30)))
+    t.start()
+    time.sleep(0.4)
+    os.kill(d.pid, signal.SIGTERM)
+    t.join()
+    assert results[0].status_code == 200 and results[0].text == "waited 1\n"
+    assert d.proc.wait(20) == 0
+    assert "SIGTERM: stopping 2 worker(s) gracefully" in d.error_text()
+    assert not children_of(d.pid)
+
+
+def test_limits_are_divided_among_workers():
+    from cgigate.config import load
+    from cgigate.front.arbiter import worker_config
+    config = load(None, {"server.workers": "3", "cgi.max_children": "10", "server.max_connections": "100"})
+    share = worker_config(config)
+    assert share.cgi.max_children == 4 and share.server.max_connections == 34
+    assert config.cgi.max_children == 10   # the original is untouched

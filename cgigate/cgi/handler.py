@@ -63,10 +63,6 @@ class ChildLimiter:
         self.running = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
-
     async def acquire(self) -> None:
         if self.running < self.limit and not self._waiters:
             self.running += 1
@@ -190,7 +186,6 @@ class CGIHandler:
 
         def tag() -> str:
             return f"rid={rid} script={name}"
-
 
         argv = command_line(script, request.query, self.cgi.isindex_argv)
         env = self._environment(request, script, content_length)
@@ -335,7 +330,6 @@ class CGIHandler:
             return None
 
 
-
 def _body_error(feeder: asyncio.Task | None) -> Exception | None:
     if feeder is None or not feeder.done() or feeder.cancelled():
         return None
@@ -343,7 +337,7 @@ def _body_error(feeder: asyncio.Task | None) -> Exception | None:
 
 
 def _log_exit(exited: asyncio.Future, tag) -> None:
-    """Runs when the script is reaped: a failure after its output began is worth a line."""
+    """Runs when the script exits: a failure, even after its output began, is worth a line."""
     if exited.cancelled():
         return
     code = exited.result()

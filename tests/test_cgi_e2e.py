@@ -484,3 +484,54 @@ def test_scripts_inherit_only_their_three_streams(cgi):
 def test_sigpipe_is_default_in_scripts(cgi):
     r = requests.get(f"{cgi.url}/t/sigpipe.sh")
     assert r.text.strip() == "SIGPIPE default"
+
+
+# --- more of the research edge cases (shared/research/gateways.md section 3) ---
+
+def test_script_that_prints_nothing_and_exits_0(cgi):
+    assert requests.get(f"{cgi.url}/t/silent.sh").status_code == 502
+    cgi.wait_for_log(r"silent.sh end of script output before headers \(the script printed nothing\); "
+                     r"exit status 0")
+
+
+def test_get_with_a_body_and_an_empty_post(cgi):
+    r = requests.request("GET", f"{cgi.url}/cgi-bin/env.py", data=b"abc")
+    assert r.json()["stdin"] == "abc" and r.json()["environ"]["CONTENT_LENGTH"] == "3"
+    r = requests.post(f"{cgi.url}/cgi-bin/env.py", data=b"")
+    seen = r.json()
+    assert seen["environ"]["CONTENT_LENGTH"] == "0" and seen["stdin_length"] == 0
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "PUT", "DELETE", "PATCH", "PROPFIND"])
+def test_other_methods_reach_the_script(cgi, method):
+    r = requests.request(method, f"{cgi.url}/cgi-bin/env.py")
+    assert r.status_code == 200 and r.json()["environ"]["REQUEST_METHOD"] == method
+
+
+def test_collapsed_paths_run_the_same_script(cgi):
+    for target in (b"//cgi-bin//hello.sh", b"/./cgi-bin/./hello.sh", b"/cgi-bin/sub/../hello.sh"):
+        reply = raw_request(cgi, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200") and b"Hello, world!\n" in reply, reply[:300]
+
+
+def test_header_name_collisions_and_odd_names(cgi):
+    reply = raw_request(cgi, b"GET /cgi-bin/env.py HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                             b"X-Forwarded-For: 1.1.1.1\r\nX_Forwarded_For: 6.6.6.6\r\nX.Dot: 1\r\n"
+                             b"X-Utf8: caf\xc3\xa9\r\n\r\n")
+    body = reply.split(b"\r\n\r\n", 1)[1]
+    assert b'"HTTP_X_FORWARDED_FOR": "1.1.1.1"' in body
+    assert b"6.6.6.6" not in body and b"X_DOT" not in body
+    assert '"HTTP_X_UTF8": "caf\\u00c3\\u00a9"'.encode() in body   # the raw bytes, as latin-1
+
+
+def test_script_cannot_read_past_content_length(cgi):
+    # the bytes after a Content-Length body are the next request, never more body
+    sock = cgi.connect()
+    sock.sendall(b"POST /cgi-bin/env.py HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                 b"GET /cgi-bin/hello.sh HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+    assert b'"stdin": "hello"' in data and b"Hello, world!" in data

@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import SAMPLE_CGI_BIN, children_of, raw_request
+from conftest import SAMPLE_CGI_BIN, children_of, raw_request, require_program
 
 
 def pid_alive(pid: int) -> bool:
@@ -294,14 +294,12 @@ def test_isindex_query_becomes_argv(cgi):
 
 
 def test_shellshock_payload_is_inert(daemon, tmp_path):
-    bash = "/bin/bash"
-    if not os.path.exists(bash):
-        pytest.skip("bash is not installed (needed for the Shellshock check)")
+    bash = require_program("bash")
     marker = tmp_path / "pwned"
     cgi_dir = tmp_path / "cgi"
     cgi_dir.mkdir()
     script = cgi_dir / "b.sh"
-    script.write_text("#!/bin/bash\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s' \"$HTTP_USER_AGENT\"\n")
+    script.write_text(f"#!{bash}\nprintf 'Content-Type: text/plain\\r\\n\\r\\n%s' \"$HTTP_USER_AGENT\"\n")
     script.chmod(0o755)
     d = daemon("--cgi-dir", str(cgi_dir))
     payload = f"() {{ :;}}; /usr/bin/touch {marker}"

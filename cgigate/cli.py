@@ -22,17 +22,26 @@ documented in conf/cgigate.toml; `cgigate check-config -c FILE` shows what a
 file would serve.  SIGTERM or SIGINT stops gracefully."""
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+def _add_setting_flags(parser: argparse.ArgumentParser, names) -> None:
     for setting in configuration.SETTINGS:
-        if setting.flag is None:
+        if setting.flag is None or not names(setting):
             continue
         default = setting.default
         shown = ", ".join(default) if isinstance(default, list) else default
         kwargs = dict(dest=setting.name, metavar=setting.metavar, default=argparse.SUPPRESS,
                       help=f"{setting.help} [{setting.section}] {setting.key}; default: {shown}")
-        if setting.name == "server.bind":
+        if setting.key == "bind":
             kwargs["action"] = "append"
         parser.add_argument(setting.flag, **kwargs)
+
+
+FCGI_EPILOG = """\
+examples:
+  cgigate fcgi --app examples.hello:app                         127.0.0.1:9000, 2 workers
+  cgigate fcgi --app myproject.wsgi:application --bind unix:/run/app.sock --workers 4 --threads 8
+
+nginx:  location / { include fastcgi_params; fastcgi_pass 127.0.0.1:9000; }
+SIGTERM or SIGINT stops gracefully; a worker that dies is replaced."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "(replaces a config route with the same prefix)")
     serve.add_argument("--cgi-prefix", metavar="PREFIX", default="/cgi-bin/",
                        help="URL prefix for --cgi-dir; default: /cgi-bin/")
-    _add_setting_flags(serve)
+    _add_setting_flags(serve, lambda s: s.section in ("server", "cgi"))
+
+    fcgi = commands.add_parser(
+        "fcgi", help="run FastCGI workers hosting a WSGI app", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pre-forks worker processes that answer FastCGI RESPONDER requests with a WSGI "
+                    "application (PEP 3333), for nginx's fastcgi_pass or cgigate's own front.",
+        epilog=FCGI_EPILOG)
+    fcgi.add_argument("-c", "--config", metavar="FILE", help="TOML config file; its [fcgi] section")
+    _add_setting_flags(fcgi, lambda s: s.section == "fcgi" or s.name in ("server.error_log",
+                                                                          "server.log_level"))
 
     check = commands.add_parser("check-config", help="validate a config file and show what it serves")
     check.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config file")
@@ -78,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         print(configuration.describe(config))
         print("config OK")
         return 0
+    if args.command == "fcgi":
+        from cgigate.worker.main import run
+        return run(config)
     if not config.routes:
         print("cgigate: nothing to serve: give --cgi-dir DIR, or -c FILE with a [[route]]",
               file=sys.stderr)

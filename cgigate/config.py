@@ -270,6 +270,30 @@ SETTINGS: tuple[Setting, ...] = (
       "RLIMIT_AS for each script, in bytes (0: no limit)."),
     S("cgi", "limit_open_files", to_count, 0,
       "RLIMIT_NOFILE for each script (0: no limit)."),
+    # [fcgi]: `cgigate fcgi`, FastCGI workers hosting a WSGI app
+    S("fcgi", "bind", to_binds, ["127.0.0.1:9000"],
+      "Address the workers listen on for FastCGI: HOST:PORT or unix:PATH. Repeat the flag for several.",
+      flag="--bind", metavar="ADDR"),
+    S("fcgi", "app", to_str, "",
+      "The WSGI application, as MODULE:CALLABLE (required).", flag="--app", metavar="MODULE:CALLABLE"),
+    S("fcgi", "workers", to_positive_count, 2,
+      "Worker processes, pre-forked, sharing the listening socket; one that dies is replaced.",
+      flag="--workers", metavar="N"),
+    S("fcgi", "threads", to_positive_count, 1,
+      "Application threads per worker.  More than 1 lets a connection multiplex (FCGI_MPXS_CONNS=1) "
+      "that many requests.", flag="--threads", metavar="T"),
+    S("fcgi", "unix_socket_mode", to_octal_mode, 0o660,
+      "File mode of a unix socket (octal).", flag="--socket-mode", metavar="MODE"),
+    S("fcgi", "unix_socket_owner", to_str, "",
+      "Owner of a unix socket, USER or USER:GROUP (default: unchanged).",
+      flag="--socket-owner", metavar="USER[:GROUP]"),
+    S("fcgi", "max_conns", to_positive_count, 64,
+      "FastCGI connections one worker serves at once (its FCGI_MAX_CONNS).", flag="--max-conns", metavar="N"),
+    S("fcgi", "idle_timeout", to_seconds, 60.0,
+      "Seconds a connection may sit idle, or stall inside a record, before it is closed."),
+    S("fcgi", "graceful_timeout", to_seconds, 30.0,
+      "On SIGTERM or SIGINT, seconds running requests get to finish.",
+      flag="--graceful-timeout", metavar="SECONDS"),
 )
 del S
 
@@ -296,9 +320,11 @@ class Route:
 class Config:
     server: SimpleNamespace
     cgi: SimpleNamespace
+    fcgi: SimpleNamespace = field(default_factory=SimpleNamespace)
     routes: list[Route] = field(default_factory=list)
     source: str = "(built-in defaults)"
     binds: list[Bind] = field(default_factory=list)
+    fcgi_binds: list[Bind] = field(default_factory=list)
     interpreters: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -363,9 +389,12 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         sections[s.section][s.key] = value
 
     config = Config(server=SimpleNamespace(**sections["server"]),
-                    cgi=SimpleNamespace(**sections["cgi"]), source=source)
+                    cgi=SimpleNamespace(**sections["cgi"]), fcgi=SimpleNamespace(**sections["fcgi"]),
+                    source=source)
     bind_base = os.getcwd() if "server.bind" in overrides else base_dir
     config.binds = [parse_bind(b, bind_base) for b in config.server.bind]
+    fcgi_base = os.getcwd() if "fcgi.bind" in overrides else base_dir
+    config.fcgi_binds = [parse_bind(b, fcgi_base) for b in config.fcgi.bind]
 
     routes_raw = raw.get("route", [])
     if not isinstance(routes_raw, list):

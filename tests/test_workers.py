@@ -70,7 +70,7 @@ def test_sigterm_lets_in_flight_requests_finish(daemon, tmp_path):
 
 def test_limits_are_divided_among_workers():
     from cgigate.config import load
-    from cgigate.front.arbiter import worker_config
+    from cgigate.front.server import worker_config
     config = load(None, {"server.workers": "3", "cgi.max_children": "10", "server.max_connections": "100"})
     share = worker_config(config)
     assert share.cgi.max_children == 4 and share.server.max_connections == 34

@@ -14,18 +14,22 @@ cuts what is left (which kills its scripts) and returns.
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import logging
+import math
 import os
 import signal
+from types import SimpleNamespace
 
 from cgigate import logs
+from cgigate.arbiter import Arbiter
 from cgigate.cgi import spawn
 from cgigate.cgi.handler import CGIHandler, ChildLimiter, LocalRedirect
 from cgigate.config import Config
 from cgigate.errors import ClientDisconnected, HTTPError
 from cgigate.front.http import HTTPConnection
-from cgigate.front.listeners import open_listeners, remove_unix_sockets
+from cgigate.listeners import open_listeners, remove_unix_sockets
 from cgigate.front.paths import decode_segments
 
 log = logging.getLogger("cgigate.error")
@@ -118,7 +122,7 @@ class Server:
         for sock, address in listeners:
             self.listeners.append(await loop.create_server(lambda: HTTPConnection(self), sock=sock,
                                                            backlog=1024))
-            self.addresses.append(address)
+            self.addresses.append(_url(address))
 
     async def stop(self, reason: str) -> None:
         grace = self.config.server.graceful_timeout
@@ -148,6 +152,10 @@ class Server:
         killed = await spawn.terminate_all(self.config.cgi.kill_grace)
         if killed:
             log.warning("stopped %d script process group(s) still running", killed)
+
+
+def _url(address: str) -> str:
+    return address if address.startswith("unix:") else f"http://{address}/"
 
 
 def _target(request) -> str:
@@ -201,17 +209,33 @@ def run(config: Config) -> int:
     logs.setup(config.server.access_log, config.server.error_log, config.server.log_level)
     _ensure_standard_fds()
     try:
-        listeners = open_listeners(config)
+        listeners = open_listeners(config.binds, config.server.unix_socket_mode)
     except OSError as e:
         log.error("cannot listen: %s", e.strerror or e)
         return 1
     try:
         if config.server.workers > 1:
-            from cgigate.front.arbiter import Arbiter
-            return Arbiter(config, listeners).run()
+            share = worker_config(config)
+            announce = [f"listening on {_url(address)}" for _, address in listeners] + _describe_routes(config)
+            stop_timeout = config.server.graceful_timeout + config.cgi.kill_grace + 5
+            return Arbiter(config.server.workers, lambda slot: run_loop(serve(share, listeners, False)),
+                           stop_timeout, announce).run()
         return run_loop(serve(config, listeners))
     finally:
-        remove_unix_sockets(config)
+        remove_unix_sockets(config.binds)
+
+
+def worker_config(config: Config) -> Config:
+    """The config one of `workers` front processes runs with: the process-wide
+    limits divided among them."""
+    n = config.server.workers
+    share = copy.copy(config)
+    share.server = SimpleNamespace(**vars(config.server))
+    share.cgi = SimpleNamespace(**vars(config.cgi))
+    share.server.max_connections = math.ceil(config.server.max_connections / n)
+    share.cgi.max_children = math.ceil(config.cgi.max_children / n)
+    share.cgi.queue_size = math.ceil(config.cgi.queue_size / n)
+    return share
 
 
 def _ensure_standard_fds() -> None:

@@ -1,8 +1,8 @@
-"""The pre-fork supervisor for `[server] workers` > 1.
+"""The pre-fork supervisor: `cgigate serve --workers N` and `cgigate fcgi`.
 
-The arbiter opens nothing itself: it is handed the listening sockets, forks
-one worker process per slot, and each worker runs the ordinary event loop
-(`server.serve`) on those shared sockets, so the kernel spreads connections
+The arbiter opens nothing itself: the listening sockets are opened before it
+starts, it forks one worker process per slot, and each worker runs
+`target(slot)` on those shared sockets, so the kernel spreads connections
 among them.  The arbiter runs no event loop: it blocks SIGTERM, SIGINT and
 SIGCHLD and takes them one at a time with `sigtimedwait`, so nothing runs
 inside a signal handler (the gunicorn arbiter habit, without handlers at
@@ -12,21 +12,17 @@ all).
   that died while not stopping is logged and replaced, after one second if it
   died within a second of starting (no crash loop at full speed).
 - SIGTERM or SIGINT: pass SIGTERM to every worker (each stops gracefully,
-  finishing its requests within `graceful_timeout`), wait for them, SIGKILL
-  any that outlive `graceful_timeout + kill_grace + 5` seconds, exit 0.
+  finishing its requests), wait for them, SIGKILL any that outlive
+  `stop_timeout` seconds, exit 0.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import os
 import signal
 import time
-from types import SimpleNamespace
-
-from cgigate.config import Config
+from typing import Callable
 
 log = logging.getLogger("cgigate.error")
 
@@ -34,34 +30,22 @@ SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 RESTART_DELAY = 1.0
 
 
-def worker_config(config: Config) -> Config:
-    """The config one worker runs with: the process-wide limits divided among workers."""
-    n = config.server.workers
-    share = copy.copy(config)
-    share.server = SimpleNamespace(**vars(config.server))
-    share.cgi = SimpleNamespace(**vars(config.cgi))
-    share.server.max_connections = math.ceil(config.server.max_connections / n)
-    share.cgi.max_children = math.ceil(config.cgi.max_children / n)
-    share.cgi.queue_size = math.ceil(config.cgi.queue_size / n)
-    return share
-
-
 class Arbiter:
-    def __init__(self, config: Config, listeners):
-        self.config = config
-        self.listeners = listeners
+    def __init__(self, workers: int, target: Callable[[int], int], stop_timeout: float,
+                 announce: list[str] = ()):
+        self.count = workers
+        self.target = target              # runs in the child; its return value is the exit status
+        self.stop_timeout = stop_timeout  # how long workers get after SIGTERM before SIGKILL
+        self.announce = announce
         self.workers: dict[int, tuple[int, float]] = {}   # pid -> (slot, start time)
         self.pending: list[tuple[float, int]] = []        # (when, slot) to start again
         self.stopping = False
 
     def run(self) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        from cgigate.front.server import _describe_routes
-        for _, address in self.listeners:
-            log.info("listening on %s", address)
-        for line in _describe_routes(self.config):
+        for line in self.announce:
             log.info("%s", line)
-        for slot in range(self.config.server.workers):
+        for slot in range(self.count):
             self.spawn_worker(slot)
         while True:
             info = signal.sigtimedwait(SIGNALS, 0.5)
@@ -83,8 +67,7 @@ class Arbiter:
         code = 1
         try:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-            from cgigate.front.server import run_loop, serve
-            code = run_loop(serve(worker_config(self.config), self.listeners, announce=False))
+            code = self.target(slot)
         except BaseException:
             log.exception("worker %d (pid %d) failed", slot, os.getpid())
         finally:
@@ -121,13 +104,12 @@ class Arbiter:
         log.info("%s: stopping %d worker(s) gracefully", reason, len(self.workers))
         for pid in self.workers:
             _signal(pid, signal.SIGTERM)
-        limit = self.config.server.graceful_timeout + self.config.cgi.kill_grace + 5
-        deadline = time.monotonic() + limit
+        deadline = time.monotonic() + self.stop_timeout
         while self.workers and time.monotonic() < deadline:
             signal.sigtimedwait({signal.SIGCHLD}, 0.2)
             self.reap()
         for pid in list(self.workers):
-            log.error("worker pid %d still running %gs after SIGTERM; SIGKILL", pid, limit)
+            log.error("worker pid %d still running %gs after SIGTERM; SIGKILL", pid, self.stop_timeout)
             _signal(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self.workers.clear()

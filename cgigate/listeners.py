@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 
-from cgigate.config import Config
+from cgigate.config import Bind
 
 
 def remove_stale_socket(path: str) -> None:
@@ -33,16 +33,19 @@ def remove_stale_socket(path: str) -> None:
     raise OSError(f"{path} is in use by another server")
 
 
-def open_listeners(config: Config) -> list[tuple[socket.socket, str]]:
-    """(socket, address as logged) for every configured bind.  Raises OSError."""
+def open_listeners(binds: list[Bind], unix_socket_mode: int = 0o660,
+                   unix_socket_owner: tuple[int, int] | None = None) -> list[tuple[socket.socket, str]]:
+    """(socket, address) for every bind: "HOST:PORT" or "unix:PATH".  Raises OSError."""
     opened: list[tuple[socket.socket, str]] = []
     try:
-        for bind in config.binds:
+        for bind in binds:
             if bind.is_unix:
                 remove_stale_socket(bind.path)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.bind(bind.path)
-                os.chmod(bind.path, config.server.unix_socket_mode)
+                os.chmod(bind.path, unix_socket_mode)
+                if unix_socket_owner is not None:
+                    os.chown(bind.path, *unix_socket_owner)
                 address = f"unix:{bind.path}"
             else:
                 family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
@@ -54,7 +57,7 @@ def open_listeners(config: Config) -> list[tuple[socket.socket, str]]:
                     sock.close()
                     raise OSError(e.errno, f"{bind}: {e.strerror}") from None
                 host, port = sock.getsockname()[:2]
-                address = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+                address = f"{'[' + host + ']' if ':' in host else host}:{port}"
             sock.listen(1024)
             sock.setblocking(False)
             opened.append((sock, address))
@@ -65,8 +68,8 @@ def open_listeners(config: Config) -> list[tuple[socket.socket, str]]:
     return opened
 
 
-def remove_unix_sockets(config: Config) -> None:
-    for bind in config.binds:
+def remove_unix_sockets(binds: list[Bind]) -> None:
+    for bind in binds:
         if bind.is_unix:
             try:
                 os.unlink(bind.path)

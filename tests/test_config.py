@@ -102,11 +102,14 @@ def test_version_and_help():
     version = cgigate("--version")
     assert version.returncode == 0 and __version__ in version.stdout
     help_text = cgigate("serve", "--help").stdout
+    fcgi_help = cgigate("fcgi", "--help").stdout
     for setting in config.SETTINGS:
         if setting.flag:
-            assert setting.flag in help_text
+            assert setting.flag in (fcgi_help if setting.section == "fcgi" else help_text), setting.name
+            assert setting.help.split()[0] in (fcgi_help if setting.section == "fcgi" else help_text)
     for flag in ("--config", "--cgi-dir", "--cgi-prefix"):
         assert flag in help_text
+    assert "--error-log" in fcgi_help and "--cgi-dir" not in fcgi_help
 
 
 def test_serve_with_nothing_to_serve_explains():

@@ -203,6 +203,14 @@ def test_filter_role_when_served():
     assert found[-3:] == [ev.StdinEnd(1), ev.FilterData(1, b"file"), ev.FilterDataEnd(1)]
 
 
+def test_data_records_for_a_responder_are_ignored():
+    """flup's FastCGI client sends an empty DATA record after STDIN, whatever the role."""
+    server = ServerConnection()
+    wire = request_wire() + r.encode_record(r.DATA, 1, b"x") + r.encode_record(r.DATA, 1)
+    assert [type(e) for e in server.receive_data(wire)] == [ev.BeginRequest, ev.Params, ev.StdinData,
+                                                            ev.StdinEnd]
+
+
 def test_second_request_without_multiplexing():
     server = ServerConnection(multiplex=False)
     found = server.receive_data(request_wire(1) + request_wire(2))

@@ -115,6 +115,8 @@ class ServerConnection:
         if rtype == ABORT_REQUEST:
             found.append(ev.AbortRequest(rid))
             return
+        if rtype == DATA and request.role != FILTER:
+            return   # DATA means nothing outside FILTER; flup's client sends an empty one anyway
         empty = not content
         following = _INPUT.get((request.state, rtype, empty))
         if following is None:

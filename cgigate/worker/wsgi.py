@@ -191,10 +191,12 @@ def build_environ(params, stdin: InputStream, errors: ErrorStream, multithread: 
 
 
 def content_length_of(params) -> int:
+    """CONTENT_LENGTH of the params (the last one, as in build_environ); 0 if absent or bad."""
+    length = b""
     for name, value in params:
         if name == b"CONTENT_LENGTH":
-            return int(value) if value.isdigit() else 0
-    return 0
+            length = value
+    return int(length) if length.isdigit() else 0
 
 
 def _check_headers(status: str, headers) -> None:

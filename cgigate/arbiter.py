@@ -1,4 +1,4 @@
-"""The pre-fork supervisor: `cgigate serve --workers N` and `cgigate fcgi`.
+"""The pre-fork supervisor: `cgigate serve --processes N` and `cgigate fcgi`.
 
 The arbiter opens nothing itself: the listening sockets are opened before it
 starts, it forks one worker process per slot, and each worker runs

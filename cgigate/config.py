@@ -202,10 +202,10 @@ SETTINGS: tuple[Setting, ...] = (
       "File mode of unix sockets the server creates (octal)."),
     S("server", "server_name", to_str, "",
       "SERVER_NAME when the request has no usable Host header (default: the bound address)."),
-    S("server", "workers", to_positive_count, 1,
+    S("server", "processes", to_positive_count, 1,
       "Front processes sharing the listening sockets; more than 1 spreads the gateway's own work over "
       "several cores.  max_connections, max_children and queue_size are divided among them.",
-      flag="--workers", metavar="N"),
+      flag="--processes", metavar="N"),
     S("server", "max_connections", to_positive_count, 1024,
       "Open client connections at most; past it new connections get 503 and are closed.",
       flag="--max-connections", metavar="N"),
@@ -461,8 +461,8 @@ def describe(config: Config) -> str:
         lines.append("route: none (every request gets 404)")
     for ext, argv in sorted(config.interpreters.items()):
         lines.append(f"interpreter: *{ext} -> {shlex.join(argv)}")
-    if config.server.workers > 1:
-        lines.append(f"workers: {config.server.workers} processes")
+    if config.server.processes > 1:
+        lines.append(f"front: {config.server.processes} processes")
     lines.append(f"cgi: max_children={config.cgi.max_children} queue_size={config.cgi.queue_size} "
                  f"env_pass={','.join(config.cgi.env_pass)}")
     return "\n".join(lines)

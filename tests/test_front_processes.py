@@ -1,4 +1,4 @@
-"""`[server] workers` > 1: pre-forked front processes sharing the listening sockets."""
+"""`[server] processes` > 1: pre-forked front processes sharing the listening sockets."""
 
 import os
 import signal
@@ -25,7 +25,7 @@ def wait_workers(d, count: int, timeout: float = 10.0) -> list[int]:
 
 
 def test_two_workers_serve(daemon):
-    d = daemon("--cgi-dir", TEST_CGI_BIN, "--workers", "2")
+    d = daemon("--cgi-dir", TEST_CGI_BIN, "--processes", "2")
     workers = wait_workers(d, 2)
     parents = set()
     for _ in range(40):
@@ -41,7 +41,7 @@ def test_two_workers_serve(daemon):
 
 
 def test_a_dead_worker_is_replaced(daemon):
-    d = daemon("--cgi-dir", SAMPLE_CGI_BIN, "--workers", "2")
+    d = daemon("--cgi-dir", SAMPLE_CGI_BIN, "--processes", "2")
     victim, survivor = wait_workers(d, 2)
     os.kill(victim, signal.SIGKILL)
     d.wait_for_log(rf"worker \d \(pid {victim}\) died: killed by SIGKILL; starting another")
@@ -53,7 +53,7 @@ def test_a_dead_worker_is_replaced(daemon):
 
 def test_sigterm_lets_in_flight_requests_finish(daemon, tmp_path):
     conf = tmp_path / "c.toml"
-    conf.write_text(f"[server]\nworkers = 2\n[[route]]\nprefix = \"/t/\"\ncgi_dir = \"{TEST_CGI_BIN}\"\n")
+    conf.write_text(f"[server]\nprocesses = 2\n[[route]]\nprefix = \"/t/\"\ncgi_dir = \"{TEST_CGI_BIN}\"\n")
     d = daemon("-c", str(conf))
     wait_workers(d, 2)
     results = []
@@ -71,7 +71,7 @@ def test_sigterm_lets_in_flight_requests_finish(daemon, tmp_path):
 def test_limits_are_divided_among_workers():
     from cgigate.config import load
     from cgigate.front.server import worker_config
-    config = load(None, {"server.workers": "3", "cgi.max_children": "10", "server.max_connections": "100"})
+    config = load(None, {"server.processes": "3", "cgi.max_children": "10", "server.max_connections": "100"})
     share = worker_config(config)
     assert share.cgi.max_children == 4 and share.server.max_connections == 34
     assert config.cgi.max_children == 10   # the original is untouched

@@ -214,11 +214,11 @@ def run(config: Config) -> int:
         log.error("cannot listen: %s", e.strerror or e)
         return 1
     try:
-        if config.server.workers > 1:
+        if config.server.processes > 1:
             share = worker_config(config)
             announce = [f"listening on {_url(address)}" for _, address in listeners] + _describe_routes(config)
             stop_timeout = config.server.graceful_timeout + config.cgi.kill_grace + 5
-            return Arbiter(config.server.workers, lambda slot: run_loop(serve(share, listeners, False)),
+            return Arbiter(config.server.processes, lambda slot: run_loop(serve(share, listeners, False)),
                            stop_timeout, announce).run()
         return run_loop(serve(config, listeners))
     finally:
@@ -226,9 +226,9 @@ def run(config: Config) -> int:
 
 
 def worker_config(config: Config) -> Config:
-    """The config one of `workers` front processes runs with: the process-wide
+    """The config one of `processes` front processes runs with: the process-wide
     limits divided among them."""
-    n = config.server.workers
+    n = config.server.processes
     share = copy.copy(config)
     share.server = SimpleNamespace(**vars(config.server))
     share.cgi = SimpleNamespace(**vars(config.cgi))

@@ -54,9 +54,12 @@ PROTOCOL_STATUS = {CANT_MPX_CONN: "FCGI_CANT_MPX_CONN", OVERLOADED: "FCGI_OVERLO
 class FastCGIHandler:
     """Serves one route from the FastCGI application at `address`.
 
-    `config` is the daemon's `Config` (server.server_name, server.max_body_size,
-    cgi.max_response_header_size, cgi.pass_authorization are used); `timeout`
-    bounds the whole exchange (default: cgi.timeout).  `pool` lets routes to
+    `config` is the daemon's `Config` (server.server_name, server.max_body_size
+    and cgi.max_response_header_size are used); `timeout` bounds the whole
+    exchange (default: cgi.timeout).  Unlike a CGI script, an application
+    gets HTTP_AUTHORIZATION unless `pass_authorization` is False: it does its
+    own authentication (nginx's fastcgi_params and Apache's mod_proxy_fcgi
+    pass it too).  `pool` lets routes to
     the same address share connections; without it the handler makes its own
     from `pool_options` (see `Pool`).  `script_filename` and `document_root`
     become SCRIPT_FILENAME and DOCUMENT_ROOT (php-fpm needs the first to be
@@ -66,14 +69,14 @@ class FastCGIHandler:
     def __init__(self, address: str, route_prefix: str, config, timeout: float | None = None, *,
                  pool: Pool | None = None, script_filename: str | None = None,
                  document_root: str | None = None, params: dict[str, str] | None = None,
-                 **pool_options):
+                 pass_authorization: bool = True, **pool_options):
         self.address = address
         self.prefix = route_prefix.rstrip("/") + "/"
         self.script_name = route_prefix.rstrip("/")
         self.pool = pool if pool is not None else Pool(address, **pool_options)
         self.server_config = config.server
         self.max_head = config.cgi.max_response_header_size
-        self.pass_authorization = config.cgi.pass_authorization
+        self.pass_authorization = pass_authorization
         self.timeout = timeout if timeout is not None else config.cgi.timeout
         self.script_filename = script_filename
         self.document_root = document_root
@@ -93,7 +96,8 @@ class FastCGIHandler:
             if spool is not None:
                 spool.close()
 
-    def _params(self, request, segments: list[bytes], content_length: int | None) -> list[tuple[bytes, bytes]]:
+    def _params(self, request, segments: list[bytes], content_length: int | None):
+        """The PARAMS, as (name, value) bytes: the meta-variables encoded back to wire bytes."""
         path_info = "/" + b"/".join(segments).decode("latin-1")
         if segments and request.path.endswith(b"/"):
             path_info += "/"     # /app/admin/ and /app/admin are different to most applications
@@ -140,7 +144,12 @@ class FastCGIHandler:
             return result
         except TimeoutError:
             outcome = "timeout"
-            message = f"did not finish within the route's {self.timeout:g}s timeout; request aborted"
+            if exchange is None:
+                pool = self.pool
+                message = (f"had no free connection within the route's {self.timeout:g}s timeout "
+                           f"({pool.active} requests on {len(pool.connections)} connections)")
+            else:
+                message = f"did not finish within the route's {self.timeout:g}s timeout; request aborted"
             if not response.started:
                 raise HTTPError(504, f"fastcgi={self.address} {message}") from None
             log.error("%s %s; response cut short", tag, message)
@@ -169,7 +178,7 @@ class FastCGIHandler:
         if response.started:
             request.connection.close()   # a response cut short must not look complete
             return HTTPError(502, f"{e.detail}; response cut short")
-        return HTTPError(502, f"{e.detail} before the response was complete")
+        return HTTPError(502, e.detail)
 
     async def _relay(self, response, exchange: Exchange, tag: str):
         parser = ResponseHeadParser(self.max_head)

@@ -34,9 +34,10 @@ Flow control.  FastCGI has none of its own (a record stream per request,
 no window), so it is done at the transport: records are read 64 KiB at a
 time (`asyncio.BufferedProtocol`), and reading stops while any request on
 the connection holds more than `HIGH_WATER` bytes of STDOUT its client has
-not taken yet (so one request holds at most HIGH_WATER + 64 KiB); on a multiplexed connection a slow client therefore holds
-up the others on it, which is the price of bounded memory.  STDIN waits
-for the transport's write buffer to drain.
+not taken yet, so one request holds at most HIGH_WATER + 64 KiB.  On a
+multiplexed connection a slow client therefore holds up the others on it,
+the price of bounded memory.  STDIN waits for the transport's write buffer
+to drain, and the request body is read only as fast as STDIN drains.
 """
 
 from __future__ import annotations
@@ -189,6 +190,9 @@ class Exchange:
         self._wake()
 
     def _failed(self, error: BaseException) -> None:
+        if self._stderr:
+            self._emit(self._stderr)
+            self._stderr = b""
         if self.end is None and self.error is None:
             self.error = error
             self._wake()
@@ -306,7 +310,7 @@ class BackendConnection(asyncio.BufferedProtocol):
         if self.closed:
             return
         try:
-            events = self.fcgi.receive_data(bytes(self._buffer[:nbytes]))
+            events = self.fcgi.receive_data(bytes(memoryview(self._buffer)[:nbytes]))
         except ProtocolError as e:
             log.warning("fastcgi=%s protocol error, connection closed: %s", self.pool.address, e)
             self.close(ConnectionBroken(f"fastcgi={self.pool.address} broke the FastCGI protocol: {e}",
@@ -652,7 +656,13 @@ class Pool:
         probe = self._probe
         if probe is None or (probe.done() and (probe.cancelled() or probe.exception() is not None)):
             probe = self._probe = asyncio.get_running_loop().create_task(self._run_probe())
-        await asyncio.shield(probe)
+        try:
+            await asyncio.shield(probe)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if probe.cancelled() and task is not None and not task.cancelling():
+                raise PoolFull(f"fastcgi={self.address} pool is closed") from None
+            raise
 
     async def _run_probe(self) -> None:
         """FCGI_GET_VALUES on the first connection, which then serves requests."""
@@ -673,7 +683,8 @@ class Pool:
             conn._values = None
         multiplexed, max_reqs, max_conns, why = _capabilities(answer)
         self.multiplexed = multiplexed
-        self.per_connection = max(1, min(max_reqs or self.max_requests, self.max_requests)) if multiplexed else 1
+        cap = self.max_requests
+        self.per_connection = max(1, min(max_reqs or cap, cap)) if multiplexed else 1
         self.connection_limit = max(1, min(max_conns or self.max_connections, self.max_connections))
         log.info("fastcgi=%s %s (%s)", self.address, self.describe(), why)
         if conn.closed or self.closed:

@@ -15,6 +15,8 @@ SERVE_EPILOG = """\
 examples:
   cgigate serve --cgi-dir cgi-bin                  serve ./cgi-bin under /cgi-bin/ on 127.0.0.1:8080
   cgigate serve -c conf/cgigate.toml               everything from a config file
+  cgigate serve --app examples.hello:app --workers 2          a WSGI app on FastCGI workers, under /
+  cgigate serve --fastcgi 127.0.0.1:9000                      an external FastCGI responder, under /
   cgigate serve -c conf/cgigate.toml --bind 0.0.0.0:8000 --bind unix:/run/cgigate.sock
 
 Flags override the config file.  Every [server] and [cgi] key of the file is
@@ -58,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "(replaces a config route with the same prefix)")
     serve.add_argument("--cgi-prefix", metavar="PREFIX", default="/cgi-bin/",
                        help="URL prefix for --cgi-dir; default: /cgi-bin/")
+    serve.add_argument("--app", metavar="MODULE:CALLABLE",
+                       help="serve a WSGI app under --app-prefix through a pool of FastCGI workers "
+                            "(cgigate fcgi) that the daemon starts on private unix sockets")
+    serve.add_argument("--app-prefix", metavar="PREFIX", default="/", help="URL prefix for --app; default: /")
+    serve.add_argument("--workers", metavar="N", type=int, default=2,
+                       help="worker processes for --app; default: 2")
+    serve.add_argument("--threads", metavar="T", type=int, default=1,
+                       help="threads per --app worker (more than 1 multiplexes); default: 1")
+    serve.add_argument("--fastcgi", metavar="ADDR",
+                       help="send requests under --fastcgi-prefix to the FastCGI responder at ADDR "
+                            "(HOST:PORT or unix:PATH: flup, php-fpm, cgigate fcgi)")
+    serve.add_argument("--fastcgi-prefix", metavar="PREFIX", default="/",
+                       help="URL prefix for --fastcgi; default: /")
     _add_setting_flags(serve, lambda s: s.section in ("server", "cgi"))
 
     fcgi = commands.add_parser(
@@ -77,7 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(args) -> configuration.Config:
     overrides = {s.name: getattr(args, s.name) for s in configuration.SETTINGS
                  if s.flag is not None and hasattr(args, s.name)}
-    routes = [(args.cgi_prefix, args.cgi_dir)] if getattr(args, "cgi_dir", None) else []
+    routes = []
+    if getattr(args, "cgi_dir", None):
+        routes.append({"prefix": args.cgi_prefix, "cgi_dir": args.cgi_dir})
+    if getattr(args, "app", None):
+        routes.append({"prefix": args.app_prefix, "app": args.app, "workers": args.workers,
+                       "threads": args.threads})
+    if getattr(args, "fastcgi", None):
+        routes.append({"prefix": args.fastcgi_prefix, "fastcgi": args.fastcgi})
     return configuration.load(args.config, overrides, routes)
 
 
@@ -100,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         from cgigate.worker.main import run
         return run(config)
     if not config.routes:
-        print("cgigate: nothing to serve: give --cgi-dir DIR, or -c FILE with a [[route]]",
+        print("cgigate: nothing to serve: give --cgi-dir DIR, --app MODULE:CALLABLE, --fastcgi ADDR, "
+              "or -c FILE with a [[route]]",
               file=sys.stderr)
         return 2
     from cgigate.front.server import run

@@ -299,21 +299,30 @@ del S
 
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
 ROUTE_KEYS = {
-    "prefix": "URL prefix, such as \"/cgi-bin/\".",
+    "prefix": "URL prefix, such as \"/cgi-bin/\" or \"/\".",
     "cgi_dir": "Directory whose executable files are run as CGI scripts under the prefix.",
-    "timeout": "This route's script timeout in seconds (overrides [cgi] timeout).",
+    "fastcgi": "Address of a FastCGI responder (flup, php-fpm, cgigate fcgi): HOST:PORT or unix:PATH.",
+    "app": "A WSGI application, MODULE:CALLABLE, run by a pool of cgigate fcgi workers the daemon starts.",
+    "workers": "For an app route: worker processes (default 2).",
+    "threads": "For an app route: threads per worker (default 1; more multiplexes).",
+    "timeout": "This route's timeout in seconds (overrides [cgi] timeout).",
 }
+ROUTE_KINDS = ("cgi_dir", "fastcgi", "app")
 
 
 @dataclass
 class Route:
     prefix: str
-    cgi_dir: str
+    cgi_dir: str = ""
     timeout: float | None = None
+    fastcgi: str = ""       # address of an external FastCGI responder
+    app: str = ""           # MODULE:CALLABLE served by workers the daemon starts
+    workers: int = 2
+    threads: int = 1
 
     @property
     def kind(self) -> str:
-        return "cgi"
+        return "app" if self.app else "fastcgi" if self.fastcgi else "cgi"
 
 
 @dataclass
@@ -342,9 +351,9 @@ def _suggest(key: str, known) -> str:
 
 
 def load(path: str | None = None, overrides: dict[str, Any] | None = None,
-         cli_routes: list[tuple[str, str]] | None = None) -> Config:
+         cli_routes: list[dict[str, Any]] | None = None) -> Config:
     """Read `path` (or nothing), apply command-line `overrides` by setting name,
-    add `cli_routes` (prefix, cgi_dir) and check every value."""
+    add `cli_routes` (route tables, as in [[route]]) and check every value."""
     raw: dict[str, Any] = {}
     source = "(built-in defaults)"
     base_dir = os.getcwd()
@@ -401,9 +410,8 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         raise ConfigError(source, "route", "expected [[route]] tables")
     for i, entry in enumerate(routes_raw):
         config.routes.append(_route_from_table(entry, f"[[route]] #{i + 1}", source, base_dir, config))
-    for prefix, cgi_dir in cli_routes or []:
-        route = _route_from_table({"prefix": prefix, "cgi_dir": cgi_dir}, "--cgi-dir", "command line",
-                                  os.getcwd(), config)
+    for table in cli_routes or []:
+        route = _route_from_table(table, "command line route", "command line", os.getcwd(), config)
         config.routes = [r for r in config.routes if r.prefix != route.prefix] + [route]
     seen = set()
     for route in config.routes:
@@ -430,23 +438,49 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
 
 def _route_from_table(entry: Any, where: str, source: str, base_dir: str, config: Config) -> Route:
     if not isinstance(entry, dict):
-        raise ConfigError(source, where, "expected a table with prefix and cgi_dir")
+        raise ConfigError(source, where, "expected a table with prefix and one of cgi_dir, fastcgi, app")
     for key in entry:
         if key not in ROUTE_KEYS:
             raise ConfigError(source, f"{where} {key}", "unknown key" + _suggest(key, ROUTE_KEYS))
-    for key in ("prefix", "cgi_dir"):
-        if key not in entry:
-            raise ConfigError(source, f"{where} {key}", "missing; a CGI route needs prefix and cgi_dir")
+    if "prefix" not in entry:
+        raise ConfigError(source, f"{where} prefix", "missing; a route needs a prefix")
+    kinds = [key for key in ROUTE_KINDS if key in entry]
+    if len(kinds) != 1:
+        raise ConfigError(source, where, "a route needs exactly one of cgi_dir, fastcgi or app"
+                          + (f" (it has {', '.join(kinds)})" if kinds else ""))
     try:
-        prefix = _normalise_prefix(to_str(entry["prefix"]))
-        cgi_dir = to_str(entry["cgi_dir"])
-        timeout = to_seconds(entry["timeout"]) if "timeout" in entry else None
+        route = Route(prefix=_normalise_prefix(to_str(entry["prefix"])),
+                      timeout=to_seconds(entry["timeout"]) if "timeout" in entry else None,
+                      workers=to_positive_count(entry.get("workers", 2)),
+                      threads=to_positive_count(entry.get("threads", 1)))
     except ValueError as e:
         raise ConfigError(source, where, str(e)) from None
-    cgi_dir = os.path.abspath(os.path.join(base_dir, cgi_dir))
-    if not os.path.isdir(cgi_dir):
-        raise ConfigError(source, f"{where} cgi_dir", f"{cgi_dir} is not a directory")
-    return Route(prefix=prefix, cgi_dir=os.path.realpath(cgi_dir), timeout=timeout)
+    if "cgi_dir" in entry:
+        try:
+            cgi_dir = os.path.abspath(os.path.join(base_dir, to_str(entry["cgi_dir"])))
+        except ValueError as e:
+            raise ConfigError(source, f"{where} cgi_dir", str(e)) from None
+        if not os.path.isdir(cgi_dir):
+            raise ConfigError(source, f"{where} cgi_dir", f"{cgi_dir} is not a directory")
+        route.cgi_dir = os.path.realpath(cgi_dir)
+    elif "fastcgi" in entry:
+        from cgigate.upstream.pool import parse_address
+        try:
+            address = to_str(entry["fastcgi"])
+            if address.startswith("unix:") and not os.path.isabs(address[5:]):
+                address = "unix:" + os.path.abspath(os.path.join(base_dir, address[5:]))
+            parse_address(address)
+        except ValueError as e:
+            raise ConfigError(source, f"{where} fastcgi", str(e)) from None
+        route.fastcgi = address
+    else:
+        try:
+            route.app = to_str(entry["app"])
+        except ValueError as e:
+            raise ConfigError(source, f"{where} app", str(e)) from None
+        if ":" not in route.app:
+            raise ConfigError(source, f"{where} app", f"want MODULE:CALLABLE, got {route.app!r}")
+    return route
 
 
 def describe(config: Config) -> str:
@@ -456,7 +490,13 @@ def describe(config: Config) -> str:
         lines.append(f"listen: http://{b}/" if not b.is_unix else f"listen: {b}")
     for r in config.routes:
         timeout = r.timeout if r.timeout is not None else config.cgi.timeout
-        lines.append(f"route: {r.prefix} -> CGI scripts in {r.cgi_dir} (timeout {timeout:g}s)")
+        if r.kind == "cgi":
+            target = f"CGI scripts in {r.cgi_dir}"
+        elif r.kind == "fastcgi":
+            target = f"FastCGI responder at {r.fastcgi}"
+        else:
+            target = f"WSGI app {r.app} ({r.workers} worker(s) x {r.threads} thread(s))"
+        lines.append(f"route: {r.prefix} -> {target} (timeout {timeout:g}s)")
     if not config.routes:
         lines.append("route: none (every request gets 404)")
     for ext, argv in sorted(config.interpreters.items()):

@@ -97,7 +97,8 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"cgigate exited with {self.proc.returncode}: {self.error_text()}"
                                    f"{b''.join(self._stderr).decode()}")
-            m = re.search(r"listening on (?:http://[^ ]*:(\d+)/|unix:)", self.error_text())
+            # the front's own address, not a FastCGI app pool it started ("... (FastCGI)")
+            m = re.search(r"listening on (?:http://[^ ]*:(\d+)/|unix:\S+)$", self.error_text(), re.M)
             if m:
                 return int(m.group(1)) if m.group(1) else None
             time.sleep(0.02)

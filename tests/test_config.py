@@ -50,7 +50,11 @@ def test_default_config_loads():
     ("[server]\nbind = [\"nowhere\"]\n", "[server] bind", "HOST:PORT"),
     ("[server]\nlog_level = \"loud\"\n", "[server] log_level", "one of debug"),
     ("[srv]\n", "srv", "unknown section"),
-    ("[[route]]\nprefix = \"/x/\"\n", "cgi_dir", "missing"),
+    ("[[route]]\nprefix = \"/x/\"\n", "[[route]] #1", "exactly one of cgi_dir, fastcgi or app"),
+    ("[[route]]\nprefix = \"/x/\"\ncgi_dir = \".\"\napp = \"a:b\"\n", "[[route]] #1", "it has cgi_dir, app"),
+    ("[[route]]\nprefix = \"/x/\"\nfastcgi = \"nowhere\"\n", "[[route]] #1 fastcgi", ""),
+    ("[[route]]\nprefix = \"/x/\"\napp = \"no_colon\"\n", "[[route]] #1 app", "MODULE:CALLABLE"),
+    ("[[route]]\ncgi_dir = \".\"\n", "[[route]] #1 prefix", "missing"),
     ("[[route]]\nprefix = \"x/\"\ncgi_dir = \".\"\n", "[[route]] #1", "must start with '/'"),
     ("[[route]]\nprefix = \"/x/\"\ncgi_dir = \"no-such-dir\"\n", "cgi_dir", "is not a directory"),
     ("[cgi]\ninterpreters = { \".zz\" = \"no-such-interpreter-xyz\" }\n", "interpreters", "not found on PATH"),
@@ -76,7 +80,7 @@ def test_paths_are_relative_to_the_file(tmp_path):
 
 def test_cli_overrides_file(tmp_path):
     path = write(tmp_path, "[cgi]\ntimeout = 9\nmax_children = 3\n")
-    loaded = config.load(path, {"cgi.timeout": "4"}, [("/cgi-bin/", str(tmp_path))])
+    loaded = config.load(path, {"cgi.timeout": "4"}, [{"prefix": "/cgi-bin/", "cgi_dir": str(tmp_path)}])
     assert loaded.cgi.timeout == 4 and loaded.cgi.max_children == 3
     assert loaded.routes[0].cgi_dir == str(tmp_path)
 

@@ -28,9 +28,11 @@ from cgigate.cgi import spawn
 from cgigate.cgi.handler import CGIHandler, ChildLimiter, LocalRedirect
 from cgigate.config import Config
 from cgigate.errors import ClientDisconnected, HTTPError
+from cgigate.front.apps import AppPools
 from cgigate.front.http import HTTPConnection
 from cgigate.listeners import open_listeners, remove_unix_sockets
 from cgigate.front.paths import decode_segments
+from cgigate.upstream import FastCGIHandler, Pool
 
 log = logging.getLogger("cgigate.error")
 
@@ -44,9 +46,19 @@ class Server:
         self.limiter = ChildLimiter(config.cgi.max_children, config.cgi.queue_size,
                                     config.cgi.queue_timeout)
         self.routes = []
+        self.pools: dict[str, Pool] = {}   # one per FastCGI address, shared by its routes
         for route in config.routes:
             prefix_segments = [s.encode("latin-1") for s in route.prefix.split("/") if s]
-            self.routes.append((prefix_segments, CGIHandler(route, config, self.limiter)))
+            if route.kind == "cgi":
+                handler = CGIHandler(route, config, self.limiter)
+            else:
+                pool = self.pools.get(route.fastcgi)
+                if pool is None:
+                    pool = self.pools[route.fastcgi] = Pool(route.fastcgi)
+                handler = FastCGIHandler(route.fastcgi, route.prefix, config, route.timeout, pool=pool)
+                if route.kind == "app":
+                    handler.label = f"app:{route.app}"
+            self.routes.append((prefix_segments, handler))
         self.redirect_limit = config.cgi.local_redirect_limit
         self.listeners: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []
@@ -149,6 +161,8 @@ class Server:
                     conn.task.cancel()
                 conn.close()
             await asyncio.sleep(0.1)  # let the cancelled handlers kill their scripts
+        for pool in self.pools.values():
+            pool.close()
         killed = await spawn.terminate_all(self.config.cgi.kill_grace)
         if killed:
             log.warning("stopped %d script process group(s) still running", killed)
@@ -214,6 +228,14 @@ def run(config: Config) -> int:
         log.error("cannot listen: %s", e.strerror or e)
         return 1
     try:
+        apps = AppPools(config)
+    except RuntimeError as e:
+        log.error("%s", e)
+        for sock, _ in listeners:
+            sock.close()
+        remove_unix_sockets(config.binds)
+        return 1
+    try:
         if config.server.processes > 1:
             share = worker_config(config)
             announce = [f"listening on {_url(address)}" for _, address in listeners] + _describe_routes(config)
@@ -222,6 +244,7 @@ def run(config: Config) -> int:
                            stop_timeout, announce).run()
         return run_loop(serve(config, listeners))
     finally:
+        apps.stop()
         remove_unix_sockets(config.binds)
 
 

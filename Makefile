@@ -15,7 +15,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The demo: CGI scripts under /cgi-bin/, a WSGI app on cgigate's own FastCGI
+# workers under /app/, and flup as an external FastCGI responder under /flup/.
 run: $(STAMP)
+	@$(PY) examples/flup_hello.py /tmp/cgigate-demo-flup.sock & flup=$$!; \
+	trap 'kill -9 $$flup 2>/dev/null; rm -f /tmp/cgigate-demo-flup.sock' EXIT INT TERM; \
 	$(VENV)/bin/cgigate serve -c conf/cgigate.toml
 
 check-config: $(STAMP)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -533,3 +534,19 @@ def test_script_cannot_read_past_content_length(cgi):
     sock.close()
     assert data.count(b"HTTP/1.1 200 OK") == 2
     assert b'"stdin": "hello"' in data and b"Hello, world!" in data
+
+
+def test_default_config_serves_cgi_app_and_fastcgi_side_by_side(daemon):
+    flup = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(SAMPLE_CGI_BIN), "examples",
+                                                          "flup_hello.py"), "/tmp/cgigate-demo-flup.sock"])
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists("/tmp/cgigate-demo-flup.sock") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        d = daemon("-c", "conf/cgigate.toml", "--bind", "127.0.0.1:0")
+        assert requests.get(f"{d.url}/cgi-bin/hello.sh").text == "Hello, world!\n"
+        assert requests.get(f"{d.url}/app/").text == "Hello, world!\n"
+        assert requests.get(f"{d.url}/flup/").text == "Hello, world!\n"
+    finally:
+        flup.kill()
+        flup.wait(10)

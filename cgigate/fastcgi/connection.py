@@ -162,7 +162,9 @@ class ServerConnection:
         request = self.requests.pop(rid, None)
         if request is not None:
             keep_conn = request.keep_conn
-        if not keep_conn:
+        if not keep_conn and not self.requests:
+            # Without KEEP_CONN the web server wants the connection closed after
+            # this reply; but not under requests that are still running on it.
             self.close_after = True
         self._out.append(encode_end_request(rid, 0, protocol_status))
         found.append(ev.RequestRejected(rid, protocol_status, reason))

@@ -17,7 +17,8 @@ leaves the connection open after END_REQUEST and the next request reuses
 it.  A request goes to the open connection with a free slot and the fewest
 requests on it (among idle ones, the one used last), else to a new
 connection, else it waits in a bounded first-come queue.  At most
-`max_idle` idle connections are kept, each closed after `idle_timeout`.
+`max_idle` idle connections are kept (default: all `max_connections`), each closed after
+`idle_timeout`.
 
 A request ends when its END_REQUEST (section 5.5) arrives; that frees its
 request id at once.  A request given up before that (client gone, timeout,
@@ -496,13 +497,16 @@ class Pool:
     """The connections to one FastCGI application address."""
 
     def __init__(self, address: str, *, max_connections: int = 16, max_requests: int = 8,
-                 max_idle: int = 8, idle_timeout: float = 60.0, connect_timeout: float = 5.0,
+                 max_idle: int | None = None, idle_timeout: float = 60.0, connect_timeout: float = 5.0,
                  probe_timeout: float = 1.0, abort_timeout: float = 5.0, queue_size: int = 1024):
         self.address = address
         self.kind, self.target = parse_address(address)
         self.max_connections = max_connections
         self.max_requests = max_requests
-        self.max_idle = max_idle
+        # Keeping every connection the pool may open costs nothing while idle;
+        # closing some makes a busy pool reconnect (and its workers start a
+        # thread) over and over, as a profile showed.
+        self.max_idle = max_connections if max_idle is None else max_idle
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.probe_timeout = probe_timeout

@@ -87,14 +87,25 @@ class Connection:
                     break
                 except OSError:
                     break
+                ready: list[_Request] = []
                 for event in found:
-                    self.dispatch(event)
+                    self.dispatch(event, ready)
+                for request in ready:
+                    with self.worker.busy:
+                        self.worker.running += 1     # counted from here, so stop() waits for it
+                    if self.worker.threads == 1 and request.stdin.complete:
+                        # Its whole input is here and nothing else can run on this
+                        # connection meanwhile: run it right here, no thread hop.
+                        self.run(request)
+                    else:
+                        self.worker.pool.submit(self.run, request)
                 if self.fcgi.close_after and not self.requests:
                     break
         finally:
             self.close()
 
-    def dispatch(self, event) -> None:
+    def dispatch(self, event, ready: list) -> None:
+        """Act on one event; a request whose PARAMS are complete goes on `ready`."""
         rid = event.request_id
         if isinstance(event, ev.BeginRequest):
             self.requests[rid] = _Request(rid)
@@ -104,7 +115,7 @@ class Connection:
                 return
             request.params = event.params
             request.stdin = InputStream(content_length_of(event.params))
-            self.worker.pool.submit(self.run, request)
+            ready.append(request)
         elif isinstance(event, ev.StdinData):
             request = self.requests.get(rid)
             if request is not None and request.stdin is not None:
@@ -154,7 +165,16 @@ class Connection:
                 self._close_locked()
 
     def run(self, request: _Request) -> None:
-        """An application thread: one request from PARAMS to END_REQUEST."""
+        """One request from PARAMS to END_REQUEST (in an application thread, or
+        in the reader thread itself when nothing else can use the connection)."""
+        try:
+            self._run(request)
+        finally:
+            with self.worker.busy:
+                self.worker.running -= 1
+                self.worker.busy.notify_all()
+
+    def _run(self, request: _Request) -> None:
         worker = self.worker
         errors = ErrorStream(lambda data: self.send(request, data, "stderr"))
         environ = build_environ(request.params, request.stdin, errors, worker.threads > 1,
@@ -204,6 +224,8 @@ class Worker:
         self.idle_timeout = idle_timeout
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
         self.connections: set[Connection] = set()
+        self.running = 0                     # requests between PARAMS and END_REQUEST
+        self.busy = threading.Condition()
         self._slots = threading.BoundedSemaphore(max_conns)
         self._stopping = threading.Event()
 
@@ -242,14 +264,9 @@ class Worker:
     def stop(self, grace: float) -> None:
         """Stop accepting, let running requests finish for up to `grace` seconds."""
         self._stopping.set()
-        self.pool.shutdown(wait=False, cancel_futures=False)
-        done = threading.Event()
-
-        def wait_pool():
-            self.pool.shutdown(wait=True)
-            done.set()
-        threading.Thread(target=wait_pool, daemon=True).start()
-        if not done.wait(grace):
-            log.warning("graceful timeout: %d connection(s) still busy", len(self.connections))
+        with self.busy:
+            if not self.busy.wait_for(lambda: self.running == 0, timeout=grace):
+                log.warning("graceful timeout: %d request(s) still running are cut", self.running)
+        self.pool.shutdown(wait=False, cancel_futures=True)
         for conn in list(self.connections):
             conn.close()

@@ -68,6 +68,11 @@ class InputStream:
             self._eof = True
             self._cond.notify_all()
 
+    @property
+    def complete(self) -> bool:
+        """Every byte the web server will send has arrived."""
+        return self._eof
+
     def abort(self) -> None:
         with self._cond:
             self._aborted = self._eof = True

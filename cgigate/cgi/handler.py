@@ -30,7 +30,6 @@ import logging
 import os
 import resource
 import signal
-import tempfile
 import time
 
 from cgigate.cgi.environ import meta_variables, to_environb
@@ -41,7 +40,6 @@ from cgigate.errors import ClientDisconnected, HTTPError
 
 log = logging.getLogger("cgigate.error")
 
-SPOOL_IN_MEMORY = 1024 * 1024
 READ_SIZE = 65536
 
 
@@ -143,7 +141,7 @@ class CGIHandler:
         content_length = None
         try:
             if body is not None and body.chunked:
-                spool, content_length = await self._spool(body)
+                spool, content_length = await body.spool(self.server_config.max_body_size)
             await self.limiter.acquire()
             try:
                 return await self._run(request, response, script, spool, content_length)
@@ -152,23 +150,6 @@ class CGIHandler:
         finally:
             if spool is not None:
                 spool.close()
-
-    async def _spool(self, body):
-        limit = self.server_config.max_body_size
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
-        size = 0
-        try:
-            while data := await body.read():
-                size += len(data)
-                if size > limit:
-                    raise HTTPError(413, f"chunked body over {limit} bytes (server.max_body_size)",
-                                    close=True)
-                spool.write(data)
-        except BaseException:
-            spool.close()
-            raise
-        spool.seek(0)
-        return spool, size
 
     def _environment(self, request, script: Script, content_length) -> dict[bytes, bytes]:
         env = meta_variables(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import tempfile
 import time
 from typing import TYPE_CHECKING, Iterable
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from cgigate.front.http import HTTPConnection
 
 HIGH_WATER = 256 * 1024
+SPOOL_IN_MEMORY = 1024 * 1024
 LOW_WATER = 64 * 1024
 
 # Hop-by-hop fields (RFC 9110 section 7.6.1) belong to one connection; a handler
@@ -180,14 +182,24 @@ class RequestBody:
                                     close=True)
             waiter.set_result(None)
 
-    async def read_all(self, limit: int) -> bytes:
-        parts, size = [], 0
-        while data := await self.read():
-            size += len(data)
-            if size > limit:
-                raise HTTPError(413, f"request body over {limit} bytes", close=True)
-            parts.append(data)
-        return b"".join(parts)
+    async def spool(self, limit: int):
+        """Read the whole body into a temporary file (in memory up to 1 MiB), so
+        that its decoded length is known before a backend starts (RFC 3875
+        section 4.1.2 CONTENT_LENGTH for a chunked body).  Returns (file, size)."""
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
+        size = 0
+        try:
+            while data := await self.read():
+                size += len(data)
+                if size > limit:
+                    raise HTTPError(413, f"chunked body over {limit} bytes (server.max_body_size)",
+                                    close=True)
+                spool.write(data)
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool, size
 
 
 class Response:

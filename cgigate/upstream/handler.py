@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 
 from cgigate.cgi.environ import meta_variables
 from cgigate.cgi.handler import LocalRedirect
@@ -43,7 +42,6 @@ from cgigate.upstream.pool import ConnectFailed, ConnectionBroken, Exchange, Poo
 
 log = logging.getLogger("cgigate.error")
 
-SPOOL_IN_MEMORY = 1024 * 1024
 READ_SIZE = 65536
 REDIRECT_DRAIN_LIMIT = 1024 * 1024   # body of a local redirect read and dropped, to keep the connection
 RETRY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -89,7 +87,7 @@ class FastCGIHandler:
         content_length = None
         try:
             if body is not None and body.chunked:
-                spool, content_length = await _spool(body, self.server_config.max_body_size)
+                spool, content_length = await body.spool(self.server_config.max_body_size)
             params = self._params(request, segments, content_length)
             return await self._run(request, response, params, spool)
         finally:
@@ -263,22 +261,6 @@ async def _drain_quietly(exchange: Exchange) -> None:
         await exchange.wait_end()
     except UpstreamError:
         pass
-
-
-async def _spool(body, limit: int):
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
-    size = 0
-    try:
-        while data := await body.read():
-            size += len(data)
-            if size > limit:
-                raise HTTPError(413, f"chunked body over {limit} bytes (server.max_body_size)", close=True)
-            spool.write(data)
-    except BaseException:
-        spool.close()
-        raise
-    spool.seek(0)
-    return spool, size
 
 
 def _describe_status(app_status: int) -> str:

@@ -425,3 +425,13 @@ def test_flup_client(fcgi, monkeypatch):
     body = b"".join(app(environ, start_response))
     assert captured["status"] == b"200 OK"           # flup 1.0.3 hands back bytes here
     assert json.loads(body)["QUERY_STRING"] == "q=1"
+
+
+def test_one_thread_means_one_app_call_at_a_time(fcgi):
+    """wsgi.multithread is False with --threads 1: requests on different
+    connections must not run the app at the same time."""
+    d = fcgi("--workers", "1", "--threads", "1")
+    clients = [Client(d) for _ in range(3)]
+    rids = [c.start("/slow", query="0.4") for c in clients]
+    results = [json.loads(c.response(rid)[2]) for c, rid in zip(clients, rids)]
+    assert max(result["max_running"] for result in results) == 1

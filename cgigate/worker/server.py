@@ -168,7 +168,10 @@ class Connection:
         """One request from PARAMS to END_REQUEST (in an application thread, or
         in the reader thread itself when nothing else can use the connection)."""
         try:
-            self._run(request)
+            # At most `threads` app calls at once in this process, whichever
+            # thread runs them: wsgi.multithread is False when threads is 1.
+            with self.worker.app_slots:
+                self._run(request)
         finally:
             with self.worker.busy:
                 self.worker.running -= 1
@@ -225,6 +228,7 @@ class Worker:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
         self.connections: set[Connection] = set()
         self.running = 0                     # requests between PARAMS and END_REQUEST
+        self.app_slots = threading.BoundedSemaphore(threads)
         self.busy = threading.Condition()
         self._slots = threading.BoundedSemaphore(max_conns)
         self._stopping = threading.Event()

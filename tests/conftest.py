@@ -31,10 +31,10 @@ def require_program(name: str) -> str:
     """Path of `name`; skips (locally) or fails (CI sets CGIGATE_REQUIRE_PEERS) when missing."""
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if path is None:
-        message = f"{name} is not installed (Debian: apt-get install {name})"
+        missing = f"{name} is not installed (Debian: apt-get install {name})"
         if IN_CI:
-            pytest.fail(f"CGIGATE_REQUIRE_PEERS is set but {message}")
-        pytest.skip(message)
+            pytest.fail(f"CGIGATE_REQUIRE_PEERS is set but {missing}")
+        pytest.skip(missing)
     return path
 
 

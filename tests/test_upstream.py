@@ -46,10 +46,10 @@ CONFIG = configuration.load()
 def require_module(name: str, package: str) -> None:
     """Skips (locally) or fails (CI sets CGIGATE_REQUIRE_PEERS) when `name` cannot be imported."""
     if importlib.util.find_spec(name) is None:
-        message = f"the {name} module is not installed (pip install {package})"
+        missing = f"the {name} module is not installed (pip install {package})"
         if IN_CI:
-            pytest.fail(f"CGIGATE_REQUIRE_PEERS is set but {message}")
-        pytest.skip(message)
+            pytest.fail(f"CGIGATE_REQUIRE_PEERS is set but {missing}")
+        pytest.skip(missing)
 
 
 def run(coroutine, loop: str = "asyncio"):

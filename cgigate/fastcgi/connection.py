@@ -203,12 +203,15 @@ class ServerConnection:
         return b"".join(parts)
 
 
+# The application's output streams (section 5.3): record type -> (data event, end event).
+_OUTPUT_STREAMS = {STDOUT: (ev.StdoutData, ev.StdoutEnd), STDERR: (ev.StderrData, ev.StderrEnd)}
+
+
 class _ClientRequest:
-    __slots__ = ("stdout_done", "stderr_done")
+    __slots__ = ("ended_streams",)
 
     def __init__(self):
-        self.stdout_done = False
-        self.stderr_done = False
+        self.ended_streams: set[int] = set()   # STDOUT/STDERR whose empty record has come
 
 
 class ClientConnection:
@@ -267,22 +270,15 @@ class ClientConnection:
             request = self.requests.get(rid)
             if request is None:
                 raise ProtocolError(f"{type_name(rtype)} for request {rid}, which is not active")
-            if rtype == STDOUT:
-                if request.stdout_done:
-                    raise ProtocolError(f"STDOUT for request {rid} after its end")
+            if rtype in _OUTPUT_STREAMS:
+                data_event, end_event = _OUTPUT_STREAMS[rtype]
+                if rtype in request.ended_streams:
+                    raise ProtocolError(f"{type_name(rtype)} for request {rid} after its end")
                 if content:
-                    found.append(ev.StdoutData(rid, content))
+                    found.append(data_event(rid, content))
                 else:
-                    request.stdout_done = True
-                    found.append(ev.StdoutEnd(rid))
-            elif rtype == STDERR:
-                if request.stderr_done:
-                    raise ProtocolError(f"STDERR for request {rid} after its end")
-                if content:
-                    found.append(ev.StderrData(rid, content))
-                else:
-                    request.stderr_done = True
-                    found.append(ev.StderrEnd(rid))
+                    request.ended_streams.add(rtype)
+                    found.append(end_event(rid))
             elif rtype == END_REQUEST:
                 app_status, protocol_status = decode_end_request(content)
                 del self.requests[rid]

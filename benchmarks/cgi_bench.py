@@ -324,6 +324,25 @@ http {{
 """
 
 
+def wait_unix_socket(proc, sock: Path, timeout: float) -> str | None:
+    """Wait until `proc` accepts connections on the unix socket `sock`;
+    None when it does, else why not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            return f"{proc.name} exited with code {proc.p.returncode}"
+        if sock.exists():
+            try:
+                with socket.socket(socket.AF_UNIX) as u:
+                    u.connect(str(sock))
+                return None
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            return f"{proc.name}'s socket did not appear within {timeout:g}s"
+        time.sleep(0.05)
+
+
 def start_nginx(tmp: Path, args) -> System:
     s = System(NGINX, "http")
     nginx, fcgiwrap = which("nginx"), which("fcgiwrap")
@@ -341,20 +360,9 @@ def start_nginx(tmp: Path, args) -> System:
         s.procs.append(Proc("fcgiwrap", fw_argv, d, server_env(), tmp / "fcgiwrap.log"))
     except OSError as e:
         return s.fail(f"could not start fcgiwrap: {e}")
-    deadline = time.monotonic() + 10
-    while True:
-        if not s.procs[0].alive():
-            return s.fail(f"fcgiwrap exited with code {s.procs[0].p.returncode}")
-        if sock.exists():
-            try:
-                with socket.socket(socket.AF_UNIX) as u:
-                    u.connect(str(sock))
-                break
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            return s.fail("fcgiwrap socket did not appear within 10s")
-        time.sleep(0.05)
+    why = wait_unix_socket(s.procs[0], sock, 10)
+    if why:
+        return s.fail(why)
     conf = d / "nginx.conf"
     conf.write_text(NGINX_CONF.format(workers=args.nginx_workers, tmp=d, host=HOST, port=s.port,
                                       repo=REPO, path=CLEAN_PATH, sock=sock))

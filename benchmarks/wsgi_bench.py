@@ -35,7 +35,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -139,20 +138,25 @@ def _front_argv(port: int, *extra: str) -> list[str]:
             "--access-log", "off"]
 
 
-def start_cgigate(tmp: Path, args) -> System:
-    s = System(CGIGATE, "http")
-    s.port = cb.free_port()
-    argv = _front_argv(s.port, "--app", APP, "--workers", str(args.workers))
-    s.details.update(argv=argv, cwd=str(REPO), version=_cgigate_version())
+def launch(s: System, name: str, argv: list[str], log: Path, args) -> System:
+    """Start `argv` as part of `s` and wait until it answers GET / with the Hello body."""
     try:
-        s.procs.append(cb.Proc("cgigate", argv, REPO, cb.server_env(), tmp / "cgigate-app.log"))
+        s.procs.append(cb.Proc(name, argv, REPO, cb.server_env(), log))
     except OSError as e:
-        return s.fail(f"could not start: {e}")
+        return s.fail(f"could not start {name}: {e}")
     ok, why = wait_hello(s.procs, s.port, args.start_timeout)
     if not ok:
         return s.fail(why)
     s.ok = True
     return s
+
+
+def start_cgigate(tmp: Path, args) -> System:
+    s = System(CGIGATE, "http")
+    s.port = cb.free_port()
+    argv = _front_argv(s.port, "--app", APP, "--workers", str(args.workers))
+    s.details.update(argv=argv, cwd=str(REPO), version=_cgigate_version())
+    return launch(s, "cgigate", argv, tmp / "cgigate-app.log", args)
 
 
 def start_flup(tmp: Path, args) -> System:
@@ -165,34 +169,15 @@ def start_flup(tmp: Path, args) -> System:
         s.procs.append(KillProc("flup", fl_argv, REPO, cb.server_env(), tmp / "flup.log"))
     except OSError as e:
         return s.fail(f"could not start flup: {e}")
-    deadline = time.monotonic() + args.start_timeout
-    while True:
-        if not s.procs[0].alive():
-            return s.fail(f"flup exited with code {s.procs[0].p.returncode}")
-        if sock.exists():
-            try:
-                with socket.socket(socket.AF_UNIX) as u:
-                    u.connect(str(sock))
-                break
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            return s.fail("flup's socket did not appear")
-        time.sleep(0.05)
+    why = cb.wait_unix_socket(s.procs[0], sock, args.start_timeout)
+    if why:
+        return s.fail(why)
     s.port = cb.free_port()
     argv = _front_argv(s.port, "--fastcgi", f"unix:{sock}")
     s.details.update(flup_argv=fl_argv[:2] + ["<inline script>", str(sock)], flup_script=FLUP_SCRIPT,
                      flup_version=_dist_version("flup"), front_argv=argv, cwd=str(REPO),
                      version=_cgigate_version())
-    try:
-        s.procs.append(cb.Proc("cgigate", argv, REPO, cb.server_env(), tmp / "cgigate-flup.log"))
-    except OSError as e:
-        return s.fail(f"could not start the front: {e}")
-    ok, why = wait_hello(s.procs, s.port, args.start_timeout)
-    if not ok:
-        return s.fail(why)
-    s.ok = True
-    return s
+    return launch(s, "cgigate", argv, tmp / "cgigate-flup.log", args)
 
 
 def _gunicorn_has(flag: str) -> bool:
@@ -219,15 +204,7 @@ def start_gunicorn(tmp: Path, args) -> System:
     argv.append(APP)
     s.details.update(argv=argv, cwd=str(REPO), version=_dist_version("gunicorn"),
                      note="sync worker: Connection: close after every response")
-    try:
-        s.procs.append(cb.Proc("gunicorn", argv, REPO, cb.server_env(), tmp / "gunicorn.log"))
-    except OSError as e:
-        return s.fail(f"could not start: {e}")
-    ok, why = wait_hello(s.procs, s.port, args.start_timeout)
-    if not ok:
-        return s.fail(why)
-    s.ok = True
-    return s
+    return launch(s, "gunicorn", argv, tmp / "gunicorn.log", args)
 
 
 def verify(s: System) -> dict:

@@ -284,17 +284,10 @@ class CGIHandler:
                 head = parser.feed(data)
             except CGIResponseError as e:
                 raise HTTPError(502, f"{where} {e.detail}") from None
-        if head.dropped:
-            log.warning("%s hop-by-hop response headers dropped: %s", tag(),
-                        ", ".join(n.decode("latin-1") for n in head.dropped))
+        warn_dropped(head, tag())
         if head.kind == "local-redirect":
             return LocalRedirect(head.location)
-
-        response.start(head.status, head.headers, head.reason)
-        if head.body:
-            await response.write(head.body)
-        while data := await stdout.read():
-            await response.write(data)
+        await relay_document(response, head, stdout.read)
         body_error = _body_error(feeder)
         if body_error is not None:
             # The script was stopped because the request body failed: what it
@@ -309,6 +302,24 @@ class CGIHandler:
                 return await asyncio.shield(child.exited)
         except TimeoutError:
             return None
+
+
+def warn_dropped(head, tag: str) -> None:
+    """One log line for the hop-by-hop fields a backend sent (the front frames itself)."""
+    if head.dropped:
+        log.warning("%s hop-by-hop response headers dropped: %s", tag,
+                    ", ".join(n.decode("latin-1") for n in head.dropped))
+
+
+async def relay_document(response, head, read) -> None:
+    """Send a CGI document response (RFC 3875 section 6.2.1): its status and
+    headers, what followed the blank line, then `read()` until it returns b"".
+    Shared by CGI scripts and FastCGI responders, whose STDOUT is the same."""
+    response.start(head.status, head.headers, head.reason)
+    if head.body:
+        await response.write(head.body)
+    while data := await read():
+        await response.write(data)
 
 
 def _body_error(feeder: asyncio.Task | None) -> Exception | None:

@@ -34,7 +34,7 @@ import asyncio
 import logging
 
 from cgigate.cgi.environ import meta_variables
-from cgigate.cgi.handler import LocalRedirect
+from cgigate.cgi.handler import LocalRedirect, relay_document, warn_dropped
 from cgigate.cgi.response import CGIResponseError, ResponseHeadParser
 from cgigate.errors import ClientDisconnected, HTTPError
 from cgigate.fastcgi.records import CANT_MPX_CONN, OVERLOADED, REQUEST_COMPLETE, UNKNOWN_ROLE
@@ -195,18 +195,11 @@ class FastCGIHandler:
                 head = parser.feed(data)
             except CGIResponseError as e:
                 raise HTTPError(502, f"fastcgi={self.address} {e.detail}") from None
-        if head.dropped:
-            log.warning("%s hop-by-hop response headers dropped: %s", tag,
-                        ", ".join(n.decode("latin-1") for n in head.dropped))
+        warn_dropped(head, tag)
         if head.kind == "local-redirect":
             await _drain_quietly(exchange)
             return LocalRedirect(head.location)
-
-        response.start(head.status, head.headers, head.reason)
-        if head.body:
-            await response.write(head.body)
-        while data := await exchange.read():
-            await response.write(data)
+        await relay_document(response, head, exchange.read)
         end = await exchange.wait_end()
         if end.protocol_status != REQUEST_COMPLETE:
             log.warning("%s END_REQUEST with %s after a response", tag,

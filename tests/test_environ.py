@@ -122,3 +122,9 @@ def test_header_variable(name, variable):
     (b"a b", None), (b"", None), (b"x/y", None)])
 def test_split_host(value, parsed):
     assert split_host(value) == parsed
+
+
+def test_server_name_falls_back_to_the_bound_address():
+    env = build(make_request([], server=("10.1.2.3", 8080)), default_server_name="")
+    assert env["SERVER_NAME"] == "10.1.2.3"
+    assert build(make_request([], server="/run/c.sock"), default_server_name="")["SERVER_NAME"] == "localhost"

@@ -95,7 +95,9 @@ def meta_variables(request, *, script_name: str, path_info: str, script_filename
 
     server = request.server
     server_port = str(server[1]) if isinstance(server, tuple) and len(server) >= 2 else ""
-    server_name = default_server_name
+    # Host header, else the configured name, else the address the request came in on
+    server_name = default_server_name or (str(server[0]) if isinstance(server, tuple) and server
+                                          else "localhost")
     host = request.authority if request.authority is not None else request.header(b"host")
     if host:
         parsed = split_host(host)

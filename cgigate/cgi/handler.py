@@ -155,7 +155,7 @@ class CGIHandler:
         env = meta_variables(
             request, script_name=script.script_name, path_info=script.path_info,
             script_filename=script.filename.decode("latin-1"), document_root=self.document_root,
-            default_server_name=self.server_config.server_name or _default_server_name(request),
+            default_server_name=self.server_config.server_name,
             content_length=content_length, pass_authorization=self.cgi.pass_authorization)
         environb = dict(self.base_env)
         environb.update(to_environb(env))
@@ -347,9 +347,3 @@ def _describe_exit(code: int | None) -> str:
             return f"killed by signal {-code}"
     return f"exit status {code}"
 
-
-def _default_server_name(request) -> str:
-    server = request.server
-    if isinstance(server, tuple) and server:
-        return str(server[0])
-    return "localhost"

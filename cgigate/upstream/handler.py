@@ -103,7 +103,7 @@ class FastCGIHandler:
             request, script_name=self.script_name, path_info=path_info,
             script_filename=self.script_filename or self.script_name or "/",
             document_root=self.document_root,
-            default_server_name=self.server_config.server_name or _default_server_name(request),
+            default_server_name=self.server_config.server_name,
             content_length=content_length, pass_authorization=self.pass_authorization)
         env.update(self.extra_params)
         return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in env.items()]
@@ -259,9 +259,3 @@ async def _drain_quietly(exchange: Exchange) -> None:
 def _describe_status(app_status: int) -> str:
     return f"; application status {app_status}" if app_status else ""
 
-
-def _default_server_name(request) -> str:
-    server = request.server
-    if isinstance(server, tuple) and server:
-        return str(server[0])
-    return "localhost"

@@ -29,7 +29,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser, names) -> None:
         if setting.flag is None or not names(setting):
             continue
         default = setting.default
-        shown = ", ".join(default) if isinstance(default, list) else default
+        shown = (", ".join(default) if isinstance(default, list) else
+                 f"{default:o}" if setting.convert is configuration.to_octal_mode else default)
         kwargs = dict(dest=setting.name, metavar=setting.metavar, default=argparse.SUPPRESS,
                       help=f"{setting.help} [{setting.section}] {setting.key}; default: {shown}")
         if setting.key == "bind":
@@ -41,9 +42,16 @@ FCGI_EPILOG = """\
 examples:
   cgigate fcgi --app examples.hello:app                         127.0.0.1:9000, 2 workers
   cgigate fcgi --app myproject.wsgi:application --bind unix:/run/app.sock --workers 4 --threads 8
+  cgigate fcgi --cgi-dir /srv/www/cgi-bin --bind unix:/run/cgigate/cgi.sock --socket-group www-data
+  spawn-fcgi -s /run/cgi.sock -- cgigate fcgi --cgi-dir /srv/www/cgi-bin --bind fd:0
 
 nginx:  location / { include fastcgi_params; fastcgi_pass 127.0.0.1:9000; }
-SIGTERM or SIGINT stops gracefully; a worker that dies is replaced."""
+        location /cgi-bin/ { include fastcgi_params; fastcgi_pass unix:/run/cgigate/cgi.sock;
+            fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name; }
+Working server blocks: conf/nginx/.  Under systemd socket activation (LISTEN_FDS)
+the passed sockets replace --bind.  SIGTERM or SIGINT stops gracefully; a worker
+that dies is replaced.  With --cgi-dir the [cgi] settings apply (timeout,
+max_children, env_pass, interpreters, limits); give them in a config file."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,13 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(serve, lambda s: s.section in ("server", "cgi"))
 
     fcgi = commands.add_parser(
-        "fcgi", help="run FastCGI workers hosting a WSGI app", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "fcgi", help="run FastCGI workers hosting a WSGI app or running CGI scripts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pre-forks worker processes that answer FastCGI RESPONDER requests with a WSGI "
-                    "application (PEP 3333), for nginx's fastcgi_pass or cgigate's own front.",
+                    "application (PEP 3333, --app) or by running CGI scripts (RFC 3875, --cgi-dir, "
+                    "as fcgiwrap does), for nginx's fastcgi_pass or cgigate's own front.",
         epilog=FCGI_EPILOG)
-    fcgi.add_argument("-c", "--config", metavar="FILE", help="TOML config file; its [fcgi] section")
-    _add_setting_flags(fcgi, lambda s: s.section == "fcgi" or s.name in ("server.error_log",
-                                                                          "server.log_level"))
+    fcgi.add_argument("-c", "--config", metavar="FILE", help="TOML config file; its [fcgi] and [cgi] sections")
+    _add_setting_flags(fcgi, lambda s: s.section in ("fcgi", "cgi") or s.name in ("server.error_log",
+                                                                                   "server.log_level"))
 
     check = commands.add_parser("check-config", help="validate a config file and show what it serves")
     check.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config file")

@@ -14,6 +14,7 @@ directory; on the command line, relative to the working directory.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import shlex
@@ -104,6 +105,28 @@ def to_str_list(value: Any) -> list[str]:
     return list(value)
 
 
+def to_networks(value: Any) -> list[str]:
+    """Client addresses or CIDR networks, as a list or one comma-separated string; "any" for all."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    for entry in to_str_list(value):
+        if entry != "any":
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an address or network; write one like "
+                                 "\"192.0.2.10\", \"10.0.0.0/8\" or \"::1\", or \"any\"") from None
+    return list(value)
+
+
+def to_env_names(value: Any) -> list[str]:
+    names = to_str_list(value)
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"{name!r} is not an environment variable name (letters, digits, '_')")
+    return names
+
+
 def to_str_table(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ValueError(f"expected a table of strings, got {value!r}")
@@ -137,6 +160,7 @@ class Bind:
     host: str = ""
     port: int = 0
     path: str = ""
+    fd: int = -1          # an inherited listening socket (spawn-fcgi, systemd)
 
     @property
     def is_unix(self) -> bool:
@@ -145,6 +169,8 @@ class Bind:
     def __str__(self) -> str:
         if self.path:
             return f"unix:{self.path}"
+        if self.fd >= 0:
+            return f"fd:{self.fd}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -157,9 +183,13 @@ def parse_bind(text: str, base_dir: str | None = None) -> Bind:
         if base_dir and not os.path.isabs(path):
             path = os.path.join(base_dir, path)
         return Bind(path=os.path.abspath(path))
+    if text.startswith("fd:"):
+        if not text[3:].isdigit():
+            raise ValueError(f"fd: needs a descriptor number, as in fd:0, got {text!r}")
+        return Bind(fd=int(text[3:]))
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)|(\d+)", text.strip())
     if not m:
-        raise ValueError(f"expected HOST:PORT, [IPv6]:PORT, PORT or unix:PATH, got {text!r}")
+        raise ValueError(f"expected HOST:PORT, [IPv6]:PORT, PORT, unix:PATH or fd:N, got {text!r}")
     host = m.group(1) or m.group(3) or "127.0.0.1"
     port = int(m.group(2) or m.group(4) or m.group(5))
     if not 0 <= port <= 65535:
@@ -270,12 +300,32 @@ SETTINGS: tuple[Setting, ...] = (
       "RLIMIT_AS for each script, in bytes (0: no limit)."),
     S("cgi", "limit_open_files", to_count, 0,
       "RLIMIT_NOFILE for each script (0: no limit)."),
-    # [fcgi]: `cgigate fcgi`, FastCGI workers hosting a WSGI app
+    # [fcgi]: `cgigate fcgi`, FastCGI workers hosting a WSGI app or running CGI scripts
     S("fcgi", "bind", to_binds, ["127.0.0.1:9000"],
-      "Address the workers listen on for FastCGI: HOST:PORT or unix:PATH. Repeat the flag for several.",
+      "Address the workers listen on for FastCGI: HOST:PORT, unix:PATH, or fd:N for a socket "
+      "inherited as descriptor N (spawn-fcgi passes fd:0).  Ignored under systemd socket activation "
+      "(LISTEN_FDS).  Repeat the flag for several.",
       flag="--bind", metavar="ADDR"),
     S("fcgi", "app", to_str, "",
-      "The WSGI application, as MODULE:CALLABLE (required).", flag="--app", metavar="MODULE:CALLABLE"),
+      "The WSGI application, as MODULE:CALLABLE.  Give this or cgi_dir.",
+      flag="--app", metavar="MODULE:CALLABLE"),
+    S("fcgi", "cgi_dir", to_str, "",
+      "Run CGI scripts instead of an app, as fcgiwrap does: each request runs the file SCRIPT_FILENAME "
+      "names (else DOCUMENT_ROOT + SCRIPT_NAME), which must lie inside this directory.  The [cgi] "
+      "settings apply.", flag="--cgi-dir", metavar="DIR", is_path=True),
+    S("fcgi", "allowed_clients", to_networks, ["127.0.0.1", "::1"],
+      "Addresses or networks (CIDR) allowed to connect over TCP; other connections are closed and "
+      "logged (php-fpm's listen.allowed_clients).  [\"any\"] allows everyone.  Unix sockets are "
+      "guarded by their file mode instead.", flag="--allowed-clients", metavar="ADDR,..."),
+    S("fcgi", "pass_params", to_env_names, [],
+      "CGI mode: further FastCGI params passed into a script's environment, by name.  By default only "
+      "the RFC 3875 meta-variables, the common web-server extensions (REQUEST_URI, DOCUMENT_ROOT, "
+      "SCRIPT_FILENAME, HTTPS, ...) and HTTP_* get through: never PATH, LD_PRELOAD or BASH_ENV from "
+      "a web server."),
+    S("fcgi", "x_accel_redirect", to_bool, True,
+      "CGI mode: answer a script's local redirect (RFC 3875 section 6.2.2, `Location: /path` alone) "
+      "with an X-Accel-Redirect header next to the Location, so that nginx serves /path itself as "
+      "a GET, as the RFC asks of the server."),
     S("fcgi", "workers", to_positive_count, 2,
       "Worker processes, pre-forked, sharing the listening socket; one that dies is replaced.",
       flag="--workers", metavar="N"),
@@ -287,6 +337,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("fcgi", "unix_socket_owner", to_str, "",
       "Owner of a unix socket, USER or USER:GROUP (default: unchanged).",
       flag="--socket-owner", metavar="USER[:GROUP]"),
+    S("fcgi", "unix_socket_group", to_str, "",
+      "Group of a unix socket, so that a web server in that group can connect (default: unchanged).",
+      flag="--socket-group", metavar="GROUP"),
     S("fcgi", "max_conns", to_positive_count, 64,
       "FastCGI connections one worker serves at once (its FCGI_MAX_CONNS).", flag="--max-conns", metavar="N"),
     S("fcgi", "idle_timeout", to_seconds, 60.0,

@@ -115,7 +115,9 @@ def test_version_and_help():
             assert setting.help.split()[0] in (fcgi_help if setting.section == "fcgi" else help_text)
     for flag in ("--config", "--cgi-dir", "--cgi-prefix"):
         assert flag in help_text
-    assert "--error-log" in fcgi_help and "--cgi-dir" not in fcgi_help
+    assert "--error-log" in fcgi_help and "--cgi-prefix" not in fcgi_help
+    for flag in ("--cgi-dir", "--timeout", "--max-children", "--allowed-clients", "--socket-group"):
+        assert flag in fcgi_help
 
 
 def test_serve_with_nothing_to_serve_explains():

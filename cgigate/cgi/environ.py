@@ -137,6 +137,48 @@ def meta_variables(request, *, script_name: str, path_info: str, script_filename
     return env
 
 
+# What a CGI script run for a FastCGI request (`cgigate fcgi --cgi-dir`) may
+# receive of the web server's params: the RFC 3875 meta-variables, the
+# extensions web servers commonly send, and HTTP_* request headers.
+PASSED_PARAMS = frozenset({
+    # RFC 3875 section 4.1
+    b"AUTH_TYPE", b"CONTENT_LENGTH", b"CONTENT_TYPE", b"GATEWAY_INTERFACE", b"PATH_INFO",
+    b"PATH_TRANSLATED", b"QUERY_STRING", b"REMOTE_ADDR", b"REMOTE_HOST", b"REMOTE_IDENT",
+    b"REMOTE_USER", b"REQUEST_METHOD", b"SCRIPT_NAME", b"SERVER_NAME", b"SERVER_PORT",
+    b"SERVER_PROTOCOL", b"SERVER_SOFTWARE",
+    # Apache and nginx (fastcgi_params) extensions
+    b"REQUEST_URI", b"DOCUMENT_URI", b"DOCUMENT_ROOT", b"SCRIPT_FILENAME", b"REMOTE_PORT",
+    b"SERVER_ADDR", b"HTTPS", b"REQUEST_SCHEME", b"REDIRECT_STATUS", b"CONTEXT_PREFIX",
+    b"CONTEXT_DOCUMENT_ROOT", b"SERVER_ADMIN", b"UNIQUE_ID",
+})
+_HEADER_PARAM = re.compile(rb"^HTTP_[A-Z0-9_]+$")
+
+
+def params_variables(params, *, pass_authorization: bool = False,
+                     extra: frozenset[bytes] = frozenset()) -> tuple[dict[str, str], list[str]]:
+    """The meta-variables among a web server's FastCGI PARAMS, for a CGI script,
+    and the names dropped.  fcgiwrap passes every param into the environment,
+    so a web server config (or anyone who can reach the socket) sets PATH,
+    LD_PRELOAD or BASH_ENV for the script; here only `PASSED_PARAMS`, HTTP_*
+    (never HTTP_PROXY, HTTP_AUTHORIZATION only with `pass_authorization`) and
+    the `extra` names an operator listed get through.  A repeated name: the
+    last wins.  A value holding NUL cannot go into an environment: dropped."""
+    env: dict[str, str] = {}
+    dropped: list[str] = []
+    for name, value in params:
+        if name in PASSED_PARAMS or name in extra:
+            ok = True
+        elif _HEADER_PARAM.match(name):
+            ok = name != b"HTTP_PROXY" and (pass_authorization or name != b"HTTP_AUTHORIZATION")
+        else:
+            ok = False
+        if not ok or b"\x00" in value:
+            dropped.append(name.decode("latin-1"))
+            continue
+        env[name.decode("latin-1")] = value.decode("latin-1")
+    return env, dropped
+
+
 def to_environb(env: dict[str, str]) -> dict[bytes, bytes]:
     """The exact bytes for execve: latin-1 undoes the latin-1 decoding above."""
     return {k.encode("latin-1"): v.encode("latin-1") for k, v in env.items()}

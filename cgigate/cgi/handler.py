@@ -136,6 +136,10 @@ class CGIHandler:
 
     async def handle(self, request, response, segments: list[bytes]):
         script = locate(self.root, self.prefix, segments, self.interpreters)
+        return await self.run_script(request, response, script)
+
+    async def run_script(self, request, response, script: Script):
+        """Steps 2 to 6 for a script already found."""
         body = request.body
         spool = None
         content_length = None
@@ -173,7 +177,8 @@ class CGIHandler:
         started = time.perf_counter()
         with_stdin = request.body is not None
         try:
-            child = spawn(argv, env, script.directory, tag, with_stdin, self.cgi.kill_grace, self.preexec)
+            child = spawn(argv, env, script.directory, tag, with_stdin, self.cgi.kill_grace, self.preexec,
+                          self.stderr_copy(request))
         except MemoryError:
             raise HTTPError(503, f"cannot fork for {name}: out of memory", headers=(("Retry-After", "1"),))
         except OSError as e:
@@ -226,6 +231,10 @@ class CGIHandler:
                         log.warning("%s client went away; process group killed", tag())
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s finished in %.6fs (%s)", tag(), time.perf_counter() - started, outcome)
+
+    def stderr_copy(self, request):
+        """Where a copy of the script's stderr goes besides the error log (None: nowhere)."""
+        return None
 
     async def _feed(self, child: ChildProcess, body, spool) -> Exception | None:
         """Give the body to stdin, then close it.  If the script stops reading,

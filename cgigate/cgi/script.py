@@ -74,25 +74,69 @@ def locate(root: bytes, prefix: str, segments: list[bytes],
         # Without a symlink on the way, the walk itself stayed inside root;
         # with one, only the resolved path can tell.
         real = os.path.realpath(candidate) if via_symlink else candidate
-        if not real.startswith(root + b"/"):
-            raise HTTPError(403, f"{os.fsdecode(candidate)} resolves to {os.fsdecode(real)}, "
-                            "outside the CGI directory")
-        if not stat.S_ISREG(info.st_mode):
-            raise HTTPError(403, f"{os.fsdecode(candidate)} is not a regular file")
-        interpreter = ()
-        if not os.access(real, os.X_OK):
-            ext = os.path.splitext(real)[1].decode("latin-1").lower()
-            mapped = interpreters.get(ext)
-            if mapped is None:
-                raise HTTPError(403, f"{os.fsdecode(real)} is not executable and no interpreter is "
-                                f"mapped for {ext or 'files without an extension'!s} ([cgi] interpreters)")
-            interpreter = tuple(mapped)
+        interpreter = _runnable(root, candidate, real, info, interpreters)
         script_name = prefix + "/".join(s.decode("latin-1") for s in segments[:index + 1])
         rest = segments[index + 1:]
         path_info = ("/" + "/".join(s.decode("latin-1") for s in rest)) if rest else ""
         return Script(filename=real, directory=os.path.dirname(real), script_name=script_name,
                       path_info=path_info, interpreter=interpreter)
     raise HTTPError(403 if segments else 404, f"{os.fsdecode(current)} is a directory, not a script")
+
+
+def _runnable(root: bytes, candidate: bytes, real: bytes, info: os.stat_result,
+              interpreters: dict[str, list[str]]) -> tuple[str, ...]:
+    """Refuse what must not run (403); the interpreter a file needs, () if none."""
+    if not real.startswith(root + b"/"):
+        raise HTTPError(403, f"{os.fsdecode(candidate)} resolves to {os.fsdecode(real)}, "
+                        "outside the CGI directory")
+    if not stat.S_ISREG(info.st_mode):
+        raise HTTPError(403, f"{os.fsdecode(candidate)} is not a regular file")
+    if os.access(real, os.X_OK):
+        return ()
+    ext = os.path.splitext(real)[1].decode("latin-1").lower()
+    mapped = interpreters.get(ext)
+    if mapped is None:
+        raise HTTPError(403, f"{os.fsdecode(real)} is not executable and no interpreter is "
+                        f"mapped for {ext or 'files without an extension'!s} ([cgi] interpreters)")
+    return tuple(mapped)
+
+
+def locate_file(root: bytes, filename: bytes,
+                interpreters: dict[str, list[str]]) -> tuple[bytes, bytes, tuple[str, ...]]:
+    """The script a web server named by path (FastCGI SCRIPT_FILENAME), as
+    (real path, path info, interpreter).  When `filename` goes on past a file,
+    as `$document_root$fastcgi_script_name` does for /cgi-bin/x.sh/more, the
+    walk goes up to the file and the rest is path info (what Apache and
+    fcgiwrap do).  `..` and symlinks are resolved before the file is judged,
+    so nothing outside `root` (a real path) ever runs: 403.  Control
+    characters (a `%0a` that made nginx's split_path_info regex fail, the
+    CVE-2019-11043 pattern) are refused with 400."""
+    if any(c < 0x20 or c == 0x7F for c in filename):
+        raise HTTPError(400, f"control character in SCRIPT_FILENAME {filename[:200]!r}")
+    if not filename.startswith(b"/"):
+        raise HTTPError(400, f"SCRIPT_FILENAME {filename[:200]!r} is not an absolute path")
+    candidate, rest = filename.rstrip(b"/") or b"/", b""
+    for _ in range(filename.count(b"/") + 1):
+        try:
+            info = os.stat(candidate)
+        except (FileNotFoundError, NotADirectoryError):
+            head, tail = os.path.split(candidate)
+            candidate, rest = head, b"/" + tail + rest
+            continue
+        except OSError as e:
+            raise HTTPError(403, f"cannot look up {os.fsdecode(candidate)}: {e.strerror}") from None
+        real = os.path.realpath(candidate)
+        if stat.S_ISDIR(info.st_mode):
+            if not (real + b"/").startswith(root + b"/"):
+                raise HTTPError(403, f"{os.fsdecode(filename)} is outside the CGI directory")
+            if rest:
+                raise HTTPError(404, f"no script {os.fsdecode(filename)}")
+            raise HTTPError(403, f"{os.fsdecode(candidate)} is a directory, not a script")
+        inside = real[len(root) + 1:] if real.startswith(root + b"/") else b""
+        if any(part.startswith(b".") for part in inside.split(b"/")):
+            raise HTTPError(404, f"hidden name in {os.fsdecode(real)} is never served")
+        return real, rest, _runnable(root, candidate, real, info, interpreters)
+    raise HTTPError(404, f"no script {os.fsdecode(filename)}")
 
 
 def search_words(query: bytes) -> list[bytes]:

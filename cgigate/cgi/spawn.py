@@ -168,10 +168,12 @@ class StderrLogger:
 
     MAX_LINE = 4096
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, tag: Callable[[], str]):
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, tag: Callable[[], str],
+                 copy: Callable[[bytes], None] | None = None):
         self.loop = loop
         self.fd = fd
         self.tag = tag
+        self.copy = copy      # also gets the bytes as read (FastCGI: FCGI_STDERR)
         self._partial = b""
         loop.add_reader(fd, self._readable)
 
@@ -188,6 +190,8 @@ class StderrLogger:
                 self._partial = b""
             self.close()
             return
+        if self.copy is not None:
+            self.copy(data)
         *lines, self._partial = (self._partial + data).split(b"\n")
         if len(self._partial) > self.MAX_LINE:
             lines.append(self._partial)
@@ -328,8 +332,10 @@ class ChildProcess:
 
 
 def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes, stderr_tag: Callable[[], str],
-          with_stdin: bool, grace: float, preexec=None) -> ChildProcess:
+          with_stdin: bool, grace: float, preexec=None,
+          stderr_copy: Callable[[bytes], None] | None = None) -> ChildProcess:
     """Start `argv` (argv[0] an absolute path) with exactly `env` in `cwd`.
+    Its stderr is logged line by line, and handed to `stderr_copy` too.
     Raises OSError when the fork or the exec fails."""
     loop = asyncio.get_running_loop()
     parent_ends: list[int] = []
@@ -373,7 +379,7 @@ def spawn(argv: list[bytes], env: dict[bytes, bytes], cwd: bytes, stderr_tag: Ca
         os.set_blocking(fd, False)
     stdin = PipeWriter(loop, in_w) if with_stdin else None
     return ChildProcess(loop, pid, os.pidfd_open(pid), stdin, PipeReader(loop, out_r),
-                        StderrLogger(loop, err_r, stderr_tag), stderr_tag, grace)
+                        StderrLogger(loop, err_r, stderr_tag, stderr_copy), stderr_tag, grace)
 
 
 async def terminate_all(grace: float) -> int:

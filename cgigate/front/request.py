@@ -137,6 +137,16 @@ class RequestBody:
             self._error = exc
             self._wake()
 
+    def discard(self) -> None:
+        """The handler is done with the body: drop what waits unread, and stop
+        holding the connection's reading for it."""
+        self._chunks.clear()
+        self._buffered = 0
+        self.complete = True
+        if self._paused:
+            self._paused = False
+            self.connection.resume_reading("body")
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():

@@ -219,8 +219,9 @@ class Worker:
     """Serves a listening socket until `stop()`; in-flight requests finish first."""
 
     def __init__(self, app, threads: int = 1, max_conns: int = 64, multiprocess: bool = False,
-                 idle_timeout: float = 60.0):
+                 idle_timeout: float = 60.0, allow=None):
         self.app = app
+        self.allow = allow            # a listeners.AllowList for TCP peers; None: everyone
         self.threads = threads
         self.max_conns = max_conns
         self.multiprocess = multiprocess
@@ -250,10 +251,17 @@ class Worker:
                     break
                 log.error("accept failed: %s", e)
                 continue
+            if self.allow is not None and not self.allow.allows(peer):
+                log.warning("fastcgi connection from %s:%s refused: not in [fcgi] allowed_clients", *peer[:2])
+                sock.close()
+                self._slots.release()
+                continue
             sock.setblocking(True)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{peer[0]}:{peer[1]}"
             conn = Connection(self, sock, peer if peer else "unix")
+            log.debug("fastcgi connection opened from %s", conn.peer)
             self.connections.add(conn)
             threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
                              name=f"fcgi-conn-{sock.fileno()}").start()

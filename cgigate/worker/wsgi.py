@@ -81,39 +81,50 @@ class InputStream:
 
     # --- the application's side ---
 
-    def _fill(self, want: int) -> None:
-        """Wait until `want` bytes are buffered or the stream ended."""
-        while len(self._buffer) < want and not self._eof:
-            self._cond.wait()
+    def _take(self, count: int, parts: list[bytes]) -> int:
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        parts.append(data)
+        self._cond.notify_all()       # room again for the reader thread
+        return len(data)
 
     def read(self, size: int | None = -1) -> bytes:
+        """`size` bytes (all that is left when negative), fewer only at the end of
+        the input.  A request larger than the buffer is gathered piece by piece."""
         with self._cond:
             if size is None or size < 0 or size > self.remaining:
                 size = self.remaining
-            self._fill(size)
-            data = bytes(self._buffer[:size])
-            del self._buffer[:size]
-            self.remaining -= len(data)
-            self._cond.notify_all()
-            return data
+            parts: list[bytes] = []
+            got = 0
+            while got < size:
+                while not self._buffer and not self._eof:
+                    self._cond.wait()
+                if not self._buffer:
+                    break
+                got += self._take(min(size - got, len(self._buffer)), parts)
+            self.remaining -= got
+            return b"".join(parts)
 
     def readline(self, size: int | None = -1) -> bytes:
         with self._cond:
             limit = self.remaining if size is None or size < 0 else min(size, self.remaining)
-            while True:
-                newline = self._buffer.find(b"\n", 0, limit)
+            parts: list[bytes] = []
+            got = 0
+            while got < limit:
+                want = limit - got
+                newline = self._buffer.find(b"\n", 0, want)
                 if newline >= 0:
-                    take = newline + 1
+                    got += self._take(newline + 1, parts)
                     break
-                if len(self._buffer) >= limit or self._eof:
-                    take = min(limit, len(self._buffer))
+                if len(self._buffer) >= want or self._eof:
+                    got += self._take(min(want, len(self._buffer)), parts)
                     break
+                if len(self._buffer) >= self.limit:
+                    got += self._take(len(self._buffer), parts)   # a line longer than the buffer
+                    continue
                 self._cond.wait()
-            data = bytes(self._buffer[:take])
-            del self._buffer[:take]
-            self.remaining -= len(data)
-            self._cond.notify_all()
-            return data
+            self.remaining -= got
+            return b"".join(parts)
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
         lines, total = [], 0

@@ -31,8 +31,8 @@ class FcgiDaemon:
         self.socket = os.path.join(self.dir, "fcgi.sock")
         self.error_log = os.path.join(self.dir, "error.log")
         full_env = dict(os.environ, CGIGATE_TEST_MARKERS=self.dir, **(env or {}))
-        command = [sys.executable, "-m", "cgigate", "fcgi", "--app", APPS, "--error-log", self.error_log,
-                   *args]
+        what = [] if "--cgi-dir" in args or "--app" in args else ["--app", APPS]
+        command = [sys.executable, "-m", "cgigate", "fcgi", *what, "--error-log", self.error_log, *args]
         if "--bind" not in args:
             command += ["--bind", f"unix:{self.socket}"]
         self.proc = subprocess.Popen(command, cwd=ROOT, env=full_env)

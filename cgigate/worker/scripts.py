@@ -23,6 +23,13 @@ fcgiwrap, on purpose:
   the Location itself;
 - an `nph-` script's status line becomes a `Status:` header (a FastCGI
   response has no status line) and the rest passes through unparsed;
+- the response is held back (in memory up to 1 MiB, then in a temporary
+  file) until the request's STDIN has all arrived: nginx stops sending the
+  request body once it has passed a response header on (ngx_http_upstream's
+  `header_sent` check), so a script that answers before it has read its
+  input would wait forever for the rest.  fcgiwrap avoids this by writing
+  the whole body before reading any output, which deadlocks a script that
+  writes much before it reads; holding the output avoids both;
 - errors are answered in-band with `Status: NNN`; a response that fails
   after it began is cut by closing the connection without END_REQUEST,
   the only way FastCGI has to say "incomplete".
@@ -40,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 from collections.abc import Iterable
 
 from cgigate.cgi.environ import params_variables, to_environb
@@ -56,6 +64,8 @@ log = logging.getLogger("cgigate.error")
 
 _BOOT = os.urandom(2).hex()
 NPH_HEAD_LIMIT = 8192
+HOLD_IN_MEMORY = 1 << 20
+SEND_SIZE = 65536
 
 
 def _param(params: dict[bytes, bytes], name: bytes) -> bytes:
@@ -77,6 +87,8 @@ class ScriptRequest:
         self.task: asyncio.Task | None = None
         self.error: HTTPError | None = None     # the params themselves were bad
         self.ended = False
+        self.input_done = asyncio.Event()       # STDIN has all arrived (or is no longer wanted)
+        self.response: StdoutResponse | None = None
 
     def begin(self, params: Iterable[tuple[bytes, bytes]]) -> None:
         self.params = dict(params)           # a repeated name: the last wins
@@ -109,10 +121,18 @@ class ScriptRequest:
             self.body.feed(data)
         if self.remaining == 0:
             self.body.finish()
+            self._input_complete()
 
     def stdin_end(self) -> None:
         if self.body is not None and not self.body.complete:
             self.body.finish()
+        self._input_complete()
+
+    def _input_complete(self) -> None:
+        if not self.input_done.is_set():
+            self.input_done.set()
+            if self.response is not None and self.response.holding:
+                asyncio.get_running_loop().create_task(self.response.release())
 
     @property
     def target(self) -> str:
@@ -132,6 +152,13 @@ class StdoutResponse:
         self.body_bytes = 0
         self._head: bytes | None = None
         self._nph: bytearray | None = None
+        self._held: tempfile.SpooledTemporaryFile | None = None
+        self._sending = asyncio.Lock()
+        self._hold = True     # a script's output; not an answer of cgigate's own
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
 
     def start(self, status: int, headers: Iterable[tuple[bytes, bytes]], reason: str | None = None) -> None:
         if self.started:
@@ -147,9 +174,39 @@ class StdoutResponse:
         head, self._head = self._head, None
         if head:
             data = head + data
-        if data:
-            self.body_bytes += len(data)
-            await self.request.connection.send(self.request, data)
+        if not data:
+            return
+        self.body_bytes += len(data)
+        request = self.request
+        if self._hold and not request.input_done.is_set():
+            if self._held is None:
+                self._held = tempfile.SpooledTemporaryFile(max_size=HOLD_IN_MEMORY)
+            self._held.write(data)
+            return
+        if self._held is not None or self._sending.locked():
+            await self.release()
+        await request.connection.send(request, data)
+
+    async def release(self) -> None:
+        """Send what was held back while the input arrived."""
+        async with self._sending:
+            held, self._held = self._held, None
+            if held is None:
+                return
+            try:
+                held.seek(0)
+                while data := held.read(SEND_SIZE):
+                    await self.request.connection.send(self.request, data)
+            except ClientDisconnected:
+                pass    # the request's own task learns it on its next write
+            finally:
+                held.close()
+
+    async def finish_held(self) -> None:
+        """At the end: wait for the input to finish arriving, then send the rest."""
+        if self._held is not None or self._sending.locked():
+            await self.request.input_done.wait()
+            await self.release()
 
     async def write_raw(self, data: bytes) -> None:
         """nph- output: its `HTTP/1.x NNN reason` line becomes `Status: NNN reason`."""
@@ -170,6 +227,11 @@ class StdoutResponse:
         self.started = True
         await self.write(b"Status: " + parts[1] + b"\r\n" + rest)
 
+    def drop_held(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
     def expect_nph(self) -> None:
         self._nph = bytearray()
 
@@ -180,8 +242,10 @@ class StdoutResponse:
             self.finished = True
             if self._head:
                 await self.write(b"")
+            await self.finish_held()
 
     async def local_redirect(self, target: bytes, accel: bool) -> None:
+        self._hold = False
         self.started = True
         self.status = 302
         head = b"Location: %s\r\n" % target
@@ -192,6 +256,7 @@ class StdoutResponse:
 
     async def send_simple(self, status: int, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
         body = b"%d %s\n" % (status, reason_phrase(status).encode())
+        self._hold = False
         self.start(status, [(b"Content-Type", b"text/plain; charset=utf-8"),
                             (b"Content-Length", b"%d" % len(body)), *headers])
         await self.write(body)
@@ -301,6 +366,9 @@ class FastCGIConnection(asyncio.Protocol):
             self._idle.cancel()
         for request in list(self.requests.values()):
             request.ended = True
+            request.input_done.set()
+            if request.response is not None:
+                request.response.drop_held()
             if request.body is not None:
                 request.body.fail(ClientDisconnected())
             if request.task is not None:
@@ -393,6 +461,9 @@ class FastCGIConnection(asyncio.Protocol):
         self.requests.pop(request.fcgi_id, None)
         if request.body is not None:
             request.body.discard()
+        request.input_done.set()
+        if request.response is not None:
+            request.response.drop_held()
         if self.closed:
             return
         self.transport.write(self.fcgi.end_request(request.fcgi_id, app_status))
@@ -452,7 +523,7 @@ class ScriptServer:
         self.running = 0
 
     async def run(self, request: ScriptRequest) -> None:
-        response = StdoutResponse(request)
+        response = request.response = StdoutResponse(request)
         connection = request.connection
         self.running += 1
         try:

@@ -529,6 +529,9 @@ class ScriptServer:
         try:
             if request.error is not None:
                 raise request.error
+            body = request.body
+            if body is not None and body.chunked and body.complete and not body.received:
+                request.body = None   # nginx's GET: CONTENT_LENGTH "" and an empty STDIN
             result = await self.handler.serve(request, response)
             if isinstance(result, LocalRedirect):
                 await response.local_redirect(result.target, self.accel)

@@ -12,6 +12,7 @@ CGI scripts (`cgigate.worker.scripts`), and `[cgi] max_children` and
 from __future__ import annotations
 
 import asyncio
+import gc
 import grp
 import logging
 import math
@@ -78,6 +79,14 @@ def run(config) -> int:
         remove_unix_sockets(binds)
 
 
+def _freeze_heap() -> None:
+    """What a worker holds from its start (modules, the app) lives as long as it
+    does: keep the cyclic collector from walking it again in every full
+    collection, a pause of tens of milliseconds in the middle of a request."""
+    gc.collect()
+    gc.freeze()
+
+
 def _cgi_dir(path: str) -> str:
     if not os.path.isdir(path):
         raise ValueError(f"--cgi-dir {path}: no such directory")
@@ -97,6 +106,7 @@ def _run_scripts(config, listeners, announce: list[str]) -> int:
         server = ScriptServer(config, max_children, queue_size)
         servers = [await loop.create_server(lambda: FastCGIConnection(server), sock=sock, backlog=1024)
                    for sock, _ in listeners]
+        _freeze_heap()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)    # only record it
@@ -132,6 +142,7 @@ def _run_app(config, app, listeners, announce: list[str]) -> int:
         worker = Worker(app, threads=settings.threads, max_conns=settings.max_conns,
                         multiprocess=settings.workers > 1, idle_timeout=settings.idle_timeout,
                         allow=AllowList(settings.allowed_clients))
+        _freeze_heap()
         for sock, _ in listeners:
             threading.Thread(target=worker.serve_forever, args=(sock,), daemon=True,
                              name="fcgi-accept").start()

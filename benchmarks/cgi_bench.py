@@ -723,13 +723,44 @@ def machine_info() -> dict:
 # main
 # --------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="CGI benchmark: cgigate vs nginx+fcgiwrap vs "
-                                             "http.server --cgi vs a bare spawn loop.")
+def add_timing_args(ap: argparse.ArgumentParser) -> None:
+    """The options every benchmark here shares: how long and how often."""
     ap.add_argument("--quick", action="store_true", help="2 s per cell, 1 run (unless given)")
     ap.add_argument("--duration", type=float, help="measured seconds per cell (default 5, quick 2)")
     ap.add_argument("--runs", type=int, help="runs per cell, median reported (default 3, quick 1)")
     ap.add_argument("--warmup", type=float, default=0.5, help="seconds per cell not counted (0.5)")
+
+
+def settle_common_args(ap: argparse.ArgumentParser, args, all_systems) -> None:
+    """Defaults that depend on --quick, and --systems checked against `all_systems`."""
+    if args.duration is None:
+        args.duration = 2.0 if args.quick else 5.0
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    args.systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    bad = [x for x in args.systems if x not in all_systems]
+    if bad:
+        ap.error(f"unknown system(s) {bad}; choose from {all_systems}")
+
+
+def stop_all(systems, tmp, remove: bool = True) -> None:
+    """At the end, even after Ctrl-C: stop every system, reap, remove the temp dir
+    (unless the caller still reads logs from it)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abort the cleanup
+    # only now, not while measuring: orphans of the systems become our children
+    become_subreaper()
+    for s in systems:
+        s.stop()
+    reap_children()
+    if remove:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="CGI benchmark: cgigate vs nginx+fcgiwrap vs "
+                                             "http.server --cgi vs a bare spawn loop.")
+    add_timing_args(ap)
     ap.add_argument("--out", default=str(HERE / "results" / "cgi.json"), help="JSON output path")
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                     help=f"comma list, subset of {','.join(ALL_SYSTEMS)}")
@@ -743,14 +774,7 @@ def parse_args(argv=None):
                     help="override the cgigate command; {port}, {host}, {python} are substituted")
     ap.add_argument("--plain", action="store_true", help="plain-text tables even if rich is importable")
     args = ap.parse_args(argv)
-    if args.duration is None:
-        args.duration = 2.0 if args.quick else 5.0
-    if args.runs is None:
-        args.runs = 1 if args.quick else 3
-    args.systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    bad = [x for x in args.systems if x not in ALL_SYSTEMS]
-    if bad:
-        ap.error(f"unknown system(s) {bad}; choose from {ALL_SYSTEMS}")
+    settle_common_args(ap, args, ALL_SYSTEMS)
     args.scripts = [x.strip() for x in args.scripts.split(",") if x.strip()]
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
     return args
@@ -892,14 +916,7 @@ def main(argv=None) -> int:
         rc = 130
         log("\ninterrupted: cleaning up and writing partial results")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abort the cleanup
-        # only now, not while measuring: orphans of the systems become our children
-        become_subreaper()
-        for s in systems.values():
-            s.stop()
-        reap_children()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(systems.values(), tmp)
 
     # summaries and ratios
     for key, cell in results.items():

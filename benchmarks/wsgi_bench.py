@@ -474,10 +474,7 @@ def print_profile(prof: dict) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="WSGI benchmark: cgigate --app vs flup behind cgigate "
                                              "vs gunicorn sync.")
-    ap.add_argument("--quick", action="store_true", help="2 s per cell, 1 run (unless given)")
-    ap.add_argument("--duration", type=float, help="measured seconds per cell (default 5, quick 2)")
-    ap.add_argument("--runs", type=int, help="runs per cell, median reported (default 3, quick 1)")
-    ap.add_argument("--warmup", type=float, default=0.5, help="seconds per cell not counted (0.5)")
+    cb.add_timing_args(ap)
     ap.add_argument("--concurrency", default="1,16,64", help="comma list of concurrencies")
     ap.add_argument("--workers", type=int, default=2, help="worker processes for cgigate and gunicorn")
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS),
@@ -491,14 +488,7 @@ def parse_args(argv=None):
     ap.add_argument("--start-timeout", type=float, default=30.0)
     ap.add_argument("--plain", action="store_true", help="plain-text tables even if rich is importable")
     args = ap.parse_args(argv)
-    if args.duration is None:
-        args.duration = 2.0 if args.quick else 5.0
-    if args.runs is None:
-        args.runs = 1 if args.quick else 3
-    args.systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    bad = [x for x in args.systems if x not in ALL_SYSTEMS]
-    if bad:
-        ap.error(f"unknown system(s) {bad}; choose from {ALL_SYSTEMS}")
+    cb.settle_common_args(ap, args, ALL_SYSTEMS)
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
     return args
 
@@ -675,13 +665,7 @@ def main(argv=None) -> int:
         rc = 130
         log("\ninterrupted: cleaning up and writing partial results")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not abort the cleanup
-        cb.become_subreaper()
-        for s in systems.values():
-            s.stop()
-        cb.reap_children()
-        shutil.rmtree(tmp, ignore_errors=True)
+        cb.stop_all(systems.values(), tmp)
 
     for key, cell in results.items():
         for name in args.systems:

@@ -82,7 +82,7 @@ def run(config) -> int:
 def _freeze_heap() -> None:
     """What a worker holds from its start (modules, the app) lives as long as it
     does: keep the cyclic collector from walking it again in every full
-    collection, a pause of tens of milliseconds in the middle of a request."""
+    collection, a pause in the middle of some request."""
     gc.collect()
     gc.freeze()
 

@@ -122,8 +122,9 @@ class PipeReader:
                 self.loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1
-            if self.on_close is not None:
-                self.on_close()
+            on_close, self.on_close = self.on_close, None   # and no reference cycle with the child
+            if on_close is not None:
+                on_close()
 
 
 class PipeWriter:
@@ -323,6 +324,7 @@ class ChildProcess:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        self.stdout.on_close = None
 
     def close_pipes(self) -> None:
         """Our ends of stdin and stdout; stderr closes itself at its end of file."""

@@ -369,10 +369,12 @@ class FastCGIConnection(asyncio.Protocol):
             request.input_done.set()
             if request.response is not None:
                 request.response.drop_held()
+            request.response = None
             if request.body is not None:
                 request.body.fail(ClientDisconnected())
             if request.task is not None:
                 request.task.cancel()
+                request.task = None
         self.requests.clear()
         for waiter in self._drain_waiters:
             if not waiter.done():
@@ -464,6 +466,7 @@ class FastCGIConnection(asyncio.Protocol):
         request.input_done.set()
         if request.response is not None:
             request.response.drop_held()
+        request.response = request.task = None    # no reference cycles left for the collector
         if self.closed:
             return
         self.transport.write(self.fcgi.end_request(request.fcgi_id, app_status))

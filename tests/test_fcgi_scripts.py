@@ -470,3 +470,23 @@ def test_no_zombies_or_fd_leaks_after_many_requests(scripts, cgi_dir):
             c.response(rid)
     wait_no_scripts(worker)
     assert open_fds(worker) <= fds
+
+
+def test_resource_limits_apply_to_scripts(fcgi, cgi_dir, tmp_path):
+    conf = tmp_path / "limits.toml"
+    conf.write_text("[cgi]\nlimit_open_files = 37\nlimit_address_space = \"512M\"\nlimit_cpu_seconds = 7\n")
+    d = fcgi("-c", str(conf), "--cgi-dir", str(cgi_dir), "--workers", "1")
+    status, _, body, _, _ = ScriptClient(d, cgi_dir).call("t/rlimits.sh")
+    assert (status, body) == (200, b"nofile=37 as=524288 cpu=7\n")
+
+
+def test_unix_socket_mode_and_group(fcgi, cgi_dir):
+    import grp
+    daemon_gid = grp.getgrnam("daemon").gr_gid
+    d = fcgi("--cgi-dir", str(cgi_dir), "--workers", "1", "--socket-mode", "0606", "--socket-group", "daemon")
+    info = os.stat(d.address[5:])
+    assert (info.st_mode & 0o777, info.st_gid) == (0o606, daemon_gid)
+    bad = subprocess.run([sys.executable, "-m", "cgigate", "fcgi", "--cgi-dir", str(cgi_dir), "--socket-group",
+                          "no-such-group-here", "--bind", f"unix:{cgi_dir}/x.sock"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "no-such-group-here" in bad.stderr

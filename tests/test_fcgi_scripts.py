@@ -490,3 +490,57 @@ def test_unix_socket_mode_and_group(fcgi, cgi_dir):
                           "no-such-group-here", "--bind", f"unix:{cgi_dir}/x.sock"], cwd=ROOT,
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "no-such-group-here" in bad.stderr
+
+
+def test_a_refused_request_does_not_keep_the_connection_open(fcgi, cgi_dir, tmp_path):
+    conf = tmp_path / "idle.toml"
+    conf.write_text("[fcgi]\nidle_timeout = 1\n")
+    d = fcgi("-c", str(conf), "--cgi-dir", str(cgi_dir), "--workers", "1")
+    c = ScriptClient(d, cgi_dir)
+    _, _, _, _, end = c.call("env.sh", params=[(b"HTTP_BIG", b"x" * (1 << 20))])
+    assert end.protocol_status == r.OVERLOADED
+    c.events(lambda evs: False, timeout=6, must=False)
+    assert c.closed                        # idle again, so closed after idle_timeout
+
+
+def test_hidden_names_and_newlines_in_param_names(scripts, cgi_dir):
+    (cgi_dir / ".hidden.sh").symlink_to(cgi_dir / "env.sh")
+    d = scripts("--workers", "1")
+    c = ScriptClient(d, cgi_dir)
+    assert c.call(".hidden.sh")[0] == 404
+    status, _, body, _, _ = c.call("env.sh", params=[(b"HTTP_X\n", b"1"), (b"HTTP_OK", b"2")])
+    assert status == 200 and b"HTTP_OK=2" in body and b"HTTP_X" not in body
+
+
+def test_stderr_copy_is_dropped_while_the_web_server_does_not_read(scripts, cgi_dir):
+    (cgi_dir / "noisy.sh").write_text("#!/bin/sh\nhead -c 30000000 /dev/zero | tr '\\0' 'e' >&2\n"
+                                      "printf 'Content-Type: text/plain\\r\\n\\r\\ndone\\n'\n")
+    (cgi_dir / "noisy.sh").chmod(0o755)
+    d = scripts("--workers", "1")
+    worker = only_worker(d)
+    c = ScriptClient(d, cgi_dir)
+    before = rss_kib(worker)
+    rid = c.run("noisy.sh")
+    d.wait_for_log(r"web server not reading: stderr no longer copied", timeout=20)
+    growth = rss_kib(worker) - before
+    c.events(lambda evs: any(isinstance(e, ev.EndRequest) for e in evs), timeout=60)
+    assert b"done\n" in b"".join(e.data for e in c.pending if isinstance(e, ev.StdoutData))
+    assert growth < 32 * 1024, f"worker RSS grew by {growth} KiB while 30 MB of stderr went unread"
+
+
+def test_web_server_leaving_while_the_input_is_paused_kills_the_script(scripts, cgi_dir, tmp_path):
+    (cgi_dir / "nap.sh").write_text("#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\nnap\\n'\nsleep 30\n")
+    (cgi_dir / "nap.sh").chmod(0o755)
+    d = scripts("--workers", "1", "--timeout", "60")
+    worker = only_worker(d)
+    c = ScriptClient(d, cgi_dir)
+    rid = c.run("nap.sh", method="POST", send_body=False, params=[(b"CONTENT_LENGTH", b"4000000")])
+    c.sock.settimeout(2)
+    try:
+        for _ in range(8):                  # until the worker stops reading (the script never does)
+            c.send(c.conn.send_stdin(rid, b"x" * 65535 * 4))
+    except (socket.timeout, TimeoutError):
+        pass
+    c.sock.close()
+    d.wait_for_log(r"closed by the web server while its input was paused", timeout=10)
+    wait_no_scripts(worker)

@@ -35,7 +35,7 @@ import re
 
 from cgigate import SERVER_SOFTWARE
 
-_HEADER_NAME_OK = re.compile(rb"^[A-Za-z0-9-]+$")
+_HEADER_NAME_OK = re.compile(rb"[A-Za-z0-9-]+")
 _HOST = re.compile(rb"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d*))?$")
 # Transfer-Encoding is hop-by-hop: the script gets the decoded body and its length.
 _SKIPPED = frozenset({b"proxy", b"content-length", b"content-type", b"transfer-encoding"})
@@ -43,7 +43,7 @@ _SKIPPED = frozenset({b"proxy", b"content-length", b"content-type", b"transfer-e
 
 def header_variable(name: bytes) -> str | None:
     """`user-agent` -> `HTTP_USER_AGENT`, or None for a name that is not passed."""
-    if not _HEADER_NAME_OK.match(name):
+    if not _HEADER_NAME_OK.fullmatch(name):
         return None
     return "HTTP_" + name.decode("ascii").upper().replace("-", "_")
 
@@ -151,7 +151,7 @@ PASSED_PARAMS = frozenset({
     b"SERVER_ADDR", b"HTTPS", b"REQUEST_SCHEME", b"REDIRECT_STATUS", b"CONTEXT_PREFIX",
     b"CONTEXT_DOCUMENT_ROOT", b"SERVER_ADMIN", b"UNIQUE_ID",
 })
-_HEADER_PARAM = re.compile(rb"^HTTP_[A-Z0-9_]+$")
+_HEADER_PARAM = re.compile(rb"HTTP_[A-Z0-9_]+")   # fullmatch: "$" would let "\n" end a name
 
 
 def params_variables(params, *, pass_authorization: bool = False,
@@ -168,7 +168,7 @@ def params_variables(params, *, pass_authorization: bool = False,
     for name, value in params:
         if name in PASSED_PARAMS or name in extra:
             ok = True
-        elif _HEADER_PARAM.match(name):
+        elif _HEADER_PARAM.fullmatch(name):
             ok = name != b"HTTP_PROXY" and (pass_authorization or name != b"HTTP_AUTHORIZATION")
         else:
             ok = False

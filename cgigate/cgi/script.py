@@ -133,8 +133,10 @@ def locate_file(root: bytes, filename: bytes,
                 raise HTTPError(404, f"no script {os.fsdecode(filename)}")
             raise HTTPError(403, f"{os.fsdecode(candidate)} is a directory, not a script")
         inside = real[len(root) + 1:] if real.startswith(root + b"/") else b""
-        if any(part.startswith(b".") for part in inside.split(b"/")):
-            raise HTTPError(404, f"hidden name in {os.fsdecode(real)} is never served")
+        asked = candidate[len(root) + 1:] if candidate.startswith(root + b"/") else b""
+        named = [part for part in asked.split(b"/") if part not in (b"", b".", b"..")]
+        if any(part.startswith(b".") for part in inside.split(b"/") + named):
+            raise HTTPError(404, f"hidden name in {os.fsdecode(candidate)} is never served")
         return real, rest, _runnable(root, candidate, real, info, interpreters)
     raise HTTPError(404, f"no script {os.fsdecode(filename)}")
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import tempfile
 from collections.abc import Iterable
 
@@ -66,6 +67,7 @@ _BOOT = os.urandom(2).hex()
 NPH_HEAD_LIMIT = 8192
 HOLD_IN_MEMORY = 1 << 20
 SEND_SIZE = 65536
+HANGUP_CHECK = 1.0      # seconds between looks for a hang-up while reading is paused
 
 
 def _param(params: dict[bytes, bytes], name: bytes) -> bytes:
@@ -88,6 +90,7 @@ class ScriptRequest:
         self.error: HTTPError | None = None     # the params themselves were bad
         self.ended = False
         self.input_done = asyncio.Event()       # STDIN has all arrived (or is no longer wanted)
+        self.stderr_dropped = False
         self.response: StdoutResponse | None = None
 
     def begin(self, params: Iterable[tuple[bytes, bytes]]) -> None:
@@ -421,6 +424,9 @@ class FastCGIConnection(asyncio.Protocol):
         request = self.requests.get(fid)
         if isinstance(event, ev.RequestRejected):
             log.warning("fastcgi request %d from %s refused: %s", fid, self.peer, event.reason)
+            if request is not None:       # refused after BEGIN_REQUEST (params too large)
+                self.requests.pop(fid, None)
+                request.ended = True
         elif request is None:
             return
         elif isinstance(event, ev.Params):
@@ -452,8 +458,18 @@ class FastCGIConnection(asyncio.Protocol):
             await waiter
 
     def send_stderr(self, request: ScriptRequest, data: bytes) -> None:
-        if not self.closed and not request.ended:
-            self.transport.write(self.fcgi.send_stderr(request.fcgi_id, data))
+        """A copy of the script's stderr for the web server.  It has no back-pressure
+        of its own (the script is not stopped for it), so while the web server is
+        not reading, the copy is dropped; the error log still gets every line."""
+        if self.closed or request.ended:
+            return
+        if self._write_paused:
+            if not request.stderr_dropped:
+                request.stderr_dropped = True
+                log.warning("rid=%s web server not reading: stderr no longer copied to FCGI_STDERR "
+                            "(the error log has it)", request.request_id)
+            return
+        self.transport.write(self.fcgi.send_stderr(request.fcgi_id, data))
 
     def end(self, request: ScriptRequest, app_status: int = 0) -> None:
         """END_REQUEST, once; the request's unread STDIN no longer holds the connection."""
@@ -479,6 +495,24 @@ class FastCGIConnection(asyncio.Protocol):
         self._paused_by += 1
         if self._paused_by == 1 and not self.closed:
             self.transport.pause_reading()
+            self._watch_hangup()
+
+    def _watch_hangup(self) -> None:
+        """While reading is paused the transport cannot see the web server leave
+        (nginx aborts by closing), so a script not reading its stdin would run
+        on to its timeout: look for the hang-up once a second."""
+        if self.closed or not self._paused_by:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLRDHUP)
+            if poller.poll(0):
+                log.info("fastcgi connection from %s closed by the web server while its input was "
+                         "paused", self.peer)
+                self.transport.abort()
+                return
+        asyncio.get_running_loop().call_later(HANGUP_CHECK, self._watch_hangup)
 
     def resume_reading(self, reason: str) -> None:
         self._paused_by -= 1

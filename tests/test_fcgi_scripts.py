@@ -144,6 +144,10 @@ def test_path_info_walked_or_as_the_web_server_split_it(scripts, cgi_dir):
     assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/cgi-bin/env.sh", "/extra/path")
     assert env["SCRIPT_FILENAME"] == str(cgi_dir / "env.sh")
     assert env["PATH_TRANSLATED"] == str(cgi_dir.parent) + "/extra/path"
+    # a trailing slash is path info, as under Apache, and stays one after a walk
+    for asked, path_info in ((b"/env.sh/", "/"), (b"/env.sh/extra/", "/extra/")):
+        env = env_of(c.call("x", filename=root + asked)[2])
+        assert (env["SCRIPT_FILENAME"], env["PATH_INFO"]) == (str(cgi_dir / "env.sh"), path_info)
     # fastcgi_split_path_info: SCRIPT_FILENAME is the script, PATH_INFO given
     status, _, body, _, _ = c.call("env.sh", path_info=b"/given")
     env = env_of(body)

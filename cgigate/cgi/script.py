@@ -115,7 +115,9 @@ def locate_file(root: bytes, filename: bytes,
         raise HTTPError(400, f"control character in SCRIPT_FILENAME {filename[:200]!r}")
     if not filename.startswith(b"/"):
         raise HTTPError(400, f"SCRIPT_FILENAME {filename[:200]!r} is not an absolute path")
-    candidate, rest = filename.rstrip(b"/") or b"/", b""
+    # A trailing slash is path info ("/"), as Apache gives /x.sh/ PATH_INFO "/".
+    candidate = filename.rstrip(b"/") or b"/"
+    rest = b"/" if candidate != filename else b""
     for _ in range(filename.count(b"/") + 1):
         try:
             info = os.stat(candidate)
@@ -129,7 +131,7 @@ def locate_file(root: bytes, filename: bytes,
         if stat.S_ISDIR(info.st_mode):
             if not (real + b"/").startswith(root + b"/"):
                 raise HTTPError(403, f"{os.fsdecode(filename)} is outside the CGI directory")
-            if rest:
+            if rest and rest != b"/":
                 raise HTTPError(404, f"no script {os.fsdecode(filename)}")
             raise HTTPError(403, f"{os.fsdecode(candidate)} is a directory, not a script")
         inside = real[len(root) + 1:] if real.startswith(root + b"/") else b""

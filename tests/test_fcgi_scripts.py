@@ -73,6 +73,16 @@ def only_worker(d: FcgiDaemon) -> int:
     return d.workers()[0]
 
 
+def gone(pid: int) -> bool:
+    """Exited (a zombie waiting for its parent counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):   # ESRCH: reaped between the open and the read
+        return True
+    return stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
 def wait_no_scripts(worker: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while children_of(worker) and time.monotonic() < deadline:
@@ -300,9 +310,11 @@ def test_timeout_kills_the_process_group_and_answers_504(scripts, cgi_dir, tmp_p
     status, _, _, _, _ = ScriptClient(d, cgi_dir).call("t/sleep.py", query=f"pidfile={pidfile}")
     assert status == 504
     wait_no_scripts(worker)
-    script, grandchild = map(int, pidfile.read_text().split())
-    for pid in (script, grandchild):
-        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+    pids = list(map(int, pidfile.read_text().split()))       # the script and its grandchild
+    deadline = time.monotonic() + 10
+    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(gone(pid) for pid in pids), pids
     d.wait_for_log(r"-> 504: script=\S+sleep\.py ran over its 1s timeout")
 
 

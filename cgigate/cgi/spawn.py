@@ -26,9 +26,11 @@ gets the chance to finish, then its group is killed.  Background processes
 that do not hold stdout are left alone when a script exits normally, as
 Apache leaves them.
 
-The pipes are read and written with `loop.add_reader`/`add_writer` only
-while someone waits on them, so an unread pipe simply fills and stops its
-writer: no output is buffered in the daemon beyond one read.  The child is
+The pipes are watched with `loop.add_reader`/`add_writer` only while
+someone reads or writes them (a reader's watch stays on between reads, and
+goes off the first time the pipe is readable with nobody waiting), so an
+unread pipe simply fills and stops its writer: no output is buffered in the
+daemon beyond one read.  The child is
 reaped through a pidfd (Linux 5.3+): when it exits the pidfd becomes
 readable and `wait4` collects it with its rusage, whatever the request
 handler is doing, so no child outlives its request as a zombie.
@@ -80,6 +82,7 @@ class PipeReader:
         self.fd = fd
         self._eof = False
         self._waiter: asyncio.Future | None = None
+        self._watching = False
         self._fresh = True   # a script just started has written nothing yet: wait before reading
         self.on_close: Callable[[], None] | None = None
 
@@ -96,18 +99,28 @@ class PipeReader:
                 data = os.read(self.fd, READ_SIZE)
             except BlockingIOError:
                 self._waiter = waiter = self.loop.create_future()
-                self.loop.add_reader(self.fd, _wake, waiter)
+                if not self._watching:
+                    self._watching = True
+                    self.loop.add_reader(self.fd, self._readable)
                 try:
                     await waiter
                 finally:
                     self._waiter = None
-                    if self.fd >= 0:
-                        self.loop.remove_reader(self.fd)
                 continue
             if data:
                 return data
             self.close()
         return b""
+
+    def _readable(self) -> None:
+        # The watch stays on between reads (each add/remove costs system calls);
+        # readable with nobody waiting means the reader is behind: stop
+        # watching, so an unread pipe neither spins the loop nor is drained.
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        elif self._watching:
+            self._watching = False
+            self.loop.remove_reader(self.fd)
 
     def force_eof(self) -> None:
         """End the stream now, although the pipe's write end is still open."""
@@ -118,7 +131,8 @@ class PipeReader:
     def close(self) -> None:
         self._eof = True
         if self.fd >= 0:
-            if self._waiter is not None:
+            if self._watching:
+                self._watching = False
                 self.loop.remove_reader(self.fd)
             os.close(self.fd)
             self.fd = -1

@@ -28,17 +28,20 @@ check-config: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Both benchmarks, against their peers (nginx + fcgiwrap, http.server, a spawn
-# loop; gunicorn, flup): about 9 minutes.  bench-quick: one short run of each.
+# The three benchmarks, against their peers (nginx + fcgiwrap, http.server, a
+# spawn loop; gunicorn, flup; behind nginx: fcgiwrap, flup threaded and
+# forking): about 14 minutes.  bench-quick: one short run of each.
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/cgi_bench.py $(BENCH_ARGS)
 	$(PY) benchmarks/wsgi_bench.py --no-profile $(BENCH_ARGS)
+	$(PY) benchmarks/nginx_bench.py $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/cgi_bench.py --quick $(BENCH_ARGS)
 	$(PY) benchmarks/wsgi_bench.py --quick --no-profile $(BENCH_ARGS)
+	$(PY) benchmarks/nginx_bench.py --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -37,6 +37,7 @@ from cgigate.cgi.response import CGIResponseError, ResponseHeadParser
 from cgigate.cgi.script import Script, command_line, locate
 from cgigate.cgi.spawn import EXIT_LINGER, ChildProcess, rlimits_preexec, spawn
 from cgigate.errors import ClientDisconnected, HTTPError
+from cgigate.front.request import spooled_if_chunked
 
 log = logging.getLogger("cgigate.error")
 
@@ -140,20 +141,12 @@ class CGIHandler:
 
     async def run_script(self, request, response, script: Script):
         """Steps 2 to 6 for a script already found."""
-        body = request.body
-        spool = None
-        content_length = None
-        try:
-            if body is not None and body.chunked:
-                spool, content_length = await body.spool(self.server_config.max_body_size)
+        async with spooled_if_chunked(request.body, self.server_config.max_body_size) as (spool, length):
             await self.limiter.acquire()
             try:
-                return await self._run(request, response, script, spool, content_length)
+                return await self._run(request, response, script, spool, length)
             finally:
                 self.limiter.release()
-        finally:
-            if spool is not None:
-                spool.close()
 
     def _environment(self, request, script: Script, content_length) -> dict[bytes, bytes]:
         env = meta_variables(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import email.utils
 import tempfile
 import time
@@ -210,6 +211,21 @@ class RequestBody:
             raise
         spool.seek(0)
         return spool, size
+
+
+@contextlib.asynccontextmanager
+async def spooled_if_chunked(body: RequestBody | None, limit: int):
+    """(spool, decoded length) of a chunked body for as long as the backend runs,
+    closed after; (None, None) when the body is absent or has a Content-Length
+    (it is then streamed).  What both the CGI and the FastCGI handler need."""
+    if body is None or not body.chunked:
+        yield None, None
+        return
+    spool, length = await body.spool(limit)
+    try:
+        yield spool, length
+    finally:
+        spool.close()
 
 
 class Response:

@@ -38,6 +38,7 @@ from cgigate.cgi.handler import LocalRedirect, relay_document, warn_dropped
 from cgigate.cgi.response import CGIResponseError, ResponseHeadParser
 from cgigate.errors import ClientDisconnected, HTTPError
 from cgigate.fastcgi.records import CANT_MPX_CONN, OVERLOADED, REQUEST_COMPLETE, UNKNOWN_ROLE
+from cgigate.front.request import spooled_if_chunked
 from cgigate.upstream.pool import ConnectFailed, ConnectionBroken, Exchange, Pool, PoolFull, UpstreamError
 
 log = logging.getLogger("cgigate.error")
@@ -82,17 +83,9 @@ class FastCGIHandler:
         self.label = f"fastcgi:{address}"
 
     async def handle(self, request, response, segments: list[bytes]):
-        body = request.body
-        spool = None
-        content_length = None
-        try:
-            if body is not None and body.chunked:
-                spool, content_length = await body.spool(self.server_config.max_body_size)
-            params = self._params(request, segments, content_length)
+        async with spooled_if_chunked(request.body, self.server_config.max_body_size) as (spool, length):
+            params = self._params(request, segments, length)
             return await self._run(request, response, params, spool)
-        finally:
-            if spool is not None:
-                spool.close()
 
     def _params(self, request, segments: list[bytes], content_length: int | None):
         """The PARAMS, as (name, value) bytes: the meta-variables encoded back to wire bytes."""

@@ -88,6 +88,7 @@ class ScriptRequest:
         self.remaining: int | None = None       # STDIN bytes still wanted (CONTENT_LENGTH)
         self.task: asyncio.Task | None = None
         self.error: HTTPError | None = None     # the params themselves were bad
+        self.excess_dropped = False             # STDIN past CONTENT_LENGTH was seen (and logged)
         self.ended = False
         self.input_done = asyncio.Event()       # STDIN has all arrived (or is no longer wanted)
         self.stderr_dropped = False
@@ -110,25 +111,26 @@ class ScriptRequest:
             raise HTTPError(400, f"CONTENT_LENGTH {length[:40]!r} is not a number")
 
     def stdin(self, data: bytes) -> None:
-        if self.body is None or self.body.complete:
-            if data and self.remaining == 0 and not self.ended:
+        if self.remaining is not None and len(data) > self.remaining:
+            if not self.excess_dropped:
+                self.excess_dropped = True
                 log.warning("rid=%s STDIN beyond CONTENT_LENGTH dropped", self.request_id)
-                self.remaining = -1   # warn once
+            data = data[:self.remaining]
+        if not data or self.body is None or self.body.complete:
             return
+        self.body.feed(data)
         if self.remaining is not None:
-            if len(data) > self.remaining:
-                log.warning("rid=%s STDIN beyond CONTENT_LENGTH dropped", self.request_id)
-                data = data[:self.remaining]
             self.remaining -= len(data)
-        if data:
-            self.body.feed(data)
-        if self.remaining == 0:
-            self.body.finish()
-            self._input_complete()
+            if self.remaining == 0:
+                self.body.finish()
+                self._input_complete()
 
     def stdin_end(self) -> None:
-        if self.body is not None and not self.body.complete:
-            self.body.finish()
+        body = self.body
+        if body is not None and not body.complete:
+            body.finish()
+            if body.chunked and not body.received:
+                self.body = None   # nginx's GET: CONTENT_LENGTH "" and an empty STDIN; stdin is /dev/null
         self._input_complete()
 
     def _input_complete(self) -> None:
@@ -566,9 +568,6 @@ class ScriptServer:
         try:
             if request.error is not None:
                 raise request.error
-            body = request.body
-            if body is not None and body.chunked and body.complete and not body.received:
-                request.body = None   # nginx's GET: CONTENT_LENGTH "" and an empty STDIN
             result = await self.handler.serve(request, response)
             if isinstance(result, LocalRedirect):
                 await response.local_redirect(result.target, self.accel)

@@ -38,6 +38,25 @@ def require_program(name: str) -> str:
     return path
 
 
+def process_gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie waiting for its parent."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):   # ESRCH: reaped between the open and the read
+        return True
+    return stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
+def wait_gone(pids, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(process_gone(p) for p in pids):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes still alive: {[p for p in pids if not process_gone(p)]}")
+
+
 def children_of(pid: int) -> list[tuple[int, str]]:
     """(pid, state) of the direct children of `pid`, from /proc."""
     found = []

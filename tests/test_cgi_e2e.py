@@ -14,29 +14,7 @@ import time
 import pytest
 import requests
 
-from conftest import SAMPLE_CGI_BIN, children_of, raw_request, require_program
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); it is gone for our purposes only once reaped
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):   # reaped between the open and the read: ESRCH
-        return False
-
-
-def wait_gone(pids, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(pid_alive(p) for p in pids):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"processes still alive: {[p for p in pids if pid_alive(p)]}")
+from conftest import SAMPLE_CGI_BIN, children_of, raw_request, require_program, wait_gone
 
 
 def read_pids(path, timeout=10.0):

@@ -17,7 +17,8 @@ import pytest
 
 from cgigate.fastcgi import events as ev
 from cgigate.fastcgi import records as r
-from conftest import ROOT, SAMPLE_CGI_BIN, TEST_CGI_BIN, children_of, open_fds, require_program, rss_kib
+from conftest import (ROOT, SAMPLE_CGI_BIN, TEST_CGI_BIN, children_of, open_fds, require_program, rss_kib,
+                      wait_gone)
 from test_fcgi_worker import Client, FcgiDaemon, fcgi  # noqa: F401  (fcgi is a fixture)
 
 
@@ -71,16 +72,6 @@ def only_worker(d: FcgiDaemon) -> int:
     while not d.workers() and time.monotonic() < deadline:
         time.sleep(0.05)
     return d.workers()[0]
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie waiting for its parent counts as exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):   # ESRCH: reaped between the open and the read
-        return True
-    return stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X")
 
 
 def wait_no_scripts(worker: int, timeout: float = 10.0) -> None:
@@ -310,11 +301,7 @@ def test_timeout_kills_the_process_group_and_answers_504(scripts, cgi_dir, tmp_p
     status, _, _, _, _ = ScriptClient(d, cgi_dir).call("t/sleep.py", query=f"pidfile={pidfile}")
     assert status == 504
     wait_no_scripts(worker)
-    pids = list(map(int, pidfile.read_text().split()))       # the script and its grandchild
-    deadline = time.monotonic() + 10
-    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert all(gone(pid) for pid in pids), pids
+    wait_gone(map(int, pidfile.read_text().split()))          # the script and its grandchild
     d.wait_for_log(r"-> 504: script=\S+sleep\.py ran over its 1s timeout")
 
 

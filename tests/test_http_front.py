@@ -26,7 +26,8 @@ import time
 import pytest
 import requests
 
-from conftest import SAMPLE_CGI_BIN, TEST_CGI_BIN, children_of, open_fds, raw_request, rss_kib
+from conftest import (SAMPLE_CGI_BIN, TEST_CGI_BIN, children_of, open_fds, process_gone, raw_request,
+                      rss_kib)
 
 HOST = b"Host: test.invalid\r\n"
 
@@ -223,15 +224,6 @@ def descendants(pid: int) -> list[int]:
         found.append(child)
         found.extend(descendants(child))
     return found
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X")
 
 
 HELLO = b"Hello, world!\n"

@@ -459,8 +459,14 @@ def verify(s: System, script: str) -> dict:
         ok = cp.returncode == 0 and EXPECT in cp.stdout
         return {"ok": ok, "exit": cp.returncode, "stdout": cp.stdout[:200].decode("latin-1"),
                 "why": "" if ok else f"exit {cp.returncode}, stdout {cp.stdout[:80]!r}"}
+    return check_body(s.port, f"/cgi-bin/{script}", "content-type")
+
+
+def check_body(port: int, path: str, header: str) -> dict:
+    """GET `path`: did it answer 200 with the hello text, how was it framed; plus
+    the value of one `header` worth recording."""
     try:
-        r = loadgen.http_get(HOST, s.port, f"/cgi-bin/{script}", timeout=10, close=False)
+        r = loadgen.http_get(HOST, port, path, timeout=10, close=False)
     except Exception as e:  # noqa: BLE001
         return {"ok": False, "why": f"{type(e).__name__}: {e}"}
     ok = r.status == 200 and EXPECT in r.body
@@ -468,7 +474,7 @@ def verify(s: System, script: str) -> dict:
                else "content-length" if "content-length" in r.headers else "close-delimited")
     return {"ok": ok, "status": r.status, "version": r.version, "framing": framing,
             "keep_alive": r.keep_alive, "body": bytes(r.body[:200]).decode("latin-1"),
-            "content_type": r.headers.get("content-type"),
+            header.replace("-", "_"): r.headers.get(header),
             "why": "" if ok else f"status {r.status}, body {bytes(r.body[:80])!r}"}
 
 
@@ -743,6 +749,22 @@ def settle_common_args(ap: argparse.ArgumentParser, args, all_systems) -> None:
         ap.error(f"unknown system(s) {bad}; choose from {all_systems}")
 
 
+def report_unavailable(name: str, s) -> None:
+    """A system that could not start: why, the tail of its output, and stop it."""
+    log(f"  {name}: NOT AVAILABLE: {s.reason}")
+    for pname, tail in s.details.get("log_tail", {}).items():
+        log(f"  --- last lines of {pname} output ---")
+        for line in tail.splitlines():
+            log(f"  | {line}")
+    s.stop()
+
+
+def write_results(out: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    log(f"raw results: {path}")
+
+
 def stop_all(systems, tmp, remove: bool = True) -> None:
     """At the end, even after Ctrl-C: stop every system, reap, remove the temp dir
     (unless the caller still reads logs from it)."""
@@ -860,12 +882,7 @@ def main(argv=None) -> int:
                     log(f"  {name}: CGI sees PATH={s.details.get('cgi_path')} "
                         f"-> python3 = {s.details.get('cgi_python3')}")
             else:
-                log(f"  {name}: NOT AVAILABLE: {s.reason}")
-                for pname, tail in s.details.get("log_tail", {}).items():
-                    log(f"  --- last lines of {pname} output ---")
-                    for line in tail.splitlines():
-                        log(f"  | {line}")
-                s.stop()
+                report_unavailable(name, s)
         ref_py = systems[SPAWN].details.get("cgi_python3") if SPAWN in systems else \
             _realpath(shutil.which("python3", path=CLEAN_PATH))
         for name, s in systems.items():
@@ -950,10 +967,7 @@ def main(argv=None) -> int:
         log(f"cgigate: {'NOT FULLY MEASURED' if measured else 'NOT MEASURED'} — "
             f"{systems[CGIGATE].reason}")
 
-    outp = Path(args.out)
-    outp.parent.mkdir(parents=True, exist_ok=True)
-    outp.write_text(json.dumps(out, indent=2) + "\n")
-    log(f"raw results: {outp}")
+    write_results(out, Path(args.out))
     return rc
 
 

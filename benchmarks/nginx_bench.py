@@ -593,12 +593,7 @@ def main(argv=None) -> int:
                     f"{w} " + ("OK" if v["ok"] else f"FAILED ({v['why']})") for w, v in s.verified.items())
                     + (f"; CGI PATH={s.details.get('cgi_path')}" if "cgi_path" in s.details else ""))
             else:
-                log(f"  {name}: NOT AVAILABLE: {s.reason}")
-                for pname, tail in s.details.get("log_tail", {}).items():
-                    log(f"  --- last lines of {pname} output ---")
-                    for line in tail.splitlines():
-                        log(f"  | {line}")
-                s.stop()
+                cb.report_unavailable(name, s)
         log()
         measure(rows, results, args, pin)
     except KeyboardInterrupt:
@@ -640,9 +635,7 @@ def main(argv=None) -> int:
         if lg["nginx_error_log_lines"]:
             log(f"note: {name}'s nginx error.log has {lg['nginx_error_log_lines']} line(s); last: "
                 f"{lg['nginx_error_log_tail'][-1][:200]}")
-    outp.parent.mkdir(parents=True, exist_ok=True)
-    outp.write_text(json.dumps(out, indent=2) + "\n")
-    log(f"raw results: {outp}")
+    cb.write_results(out, outp)
     return rc
 
 

@@ -208,17 +208,7 @@ def start_gunicorn(tmp: Path, args) -> System:
 
 
 def verify(s: System) -> dict:
-    try:
-        r = loadgen.http_get(HOST, s.port, "/", timeout=10, close=False)
-    except Exception as e:  # noqa: BLE001
-        return {"ok": False, "why": f"{type(e).__name__}: {e}"}
-    ok = r.status == 200 and EXPECT in r.body
-    framing = ("chunked" if "chunked" in r.headers.get("transfer-encoding", "")
-               else "content-length" if "content-length" in r.headers else "close-delimited")
-    return {"ok": ok, "status": r.status, "version": r.version, "framing": framing,
-            "keep_alive": r.keep_alive, "body": bytes(r.body[:200]).decode("latin-1"),
-            "server": r.headers.get("server"),
-            "why": "" if ok else f"status {r.status}, body {bytes(r.body[:80])!r}"}
+    return cb.check_body(s.port, "/", "server")
 
 
 # --------------------------------------------------------------------------
@@ -615,12 +605,7 @@ def main(argv=None) -> int:
                 if s.details.get("note_control_socket"):
                     log(f"  note: {s.details['note_control_socket']}")
             else:
-                log(f"  {name}: NOT AVAILABLE: {s.reason}")
-                for pname, tail in s.details.get("log_tail", {}).items():
-                    log(f"  --- last lines of {pname} output ---")
-                    for line in tail.splitlines():
-                        log(f"  | {line}")
-                s.stop()
+                cb.report_unavailable(name, s)
         log()
 
         for run in range(1, args.runs + 1):
@@ -719,10 +704,7 @@ def main(argv=None) -> int:
                                   "by that line's source text")
         print_profile(out["profile"])
 
-    outp = Path(args.out)
-    outp.parent.mkdir(parents=True, exist_ok=True)
-    outp.write_text(json.dumps(out, indent=2) + "\n")
-    log(f"raw results: {outp}")
+    cb.write_results(out, Path(args.out))
     return rc
 
 

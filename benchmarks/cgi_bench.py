@@ -636,10 +636,7 @@ def build_tables(results: dict, systems: dict[str, System], cells: list[tuple[st
                 rows.append([name, "—", "", "—", "—", "—", "—"])
                 notes.append(f"{name}: every run failed ({entry['runs'][0].get('why', '?')})")
                 continue
-            spread = f"{a['rps_min']:,.0f}–{a['rps_max']:,.0f}" if a["runs_ok"] > 1 else ""
-            err = str(a["failed_total"])
-            if a["failed_breakdown"]:
-                err += " (" + ", ".join(f"{k}×{v}" for k, v in sorted(a["failed_breakdown"].items())) + ")"
+            spread, err = spread_and_errors(a)
             ratio = "—" if name == CGIGATE else _ratio(cg_rps, a["rps_median"])
             rows.append([name, _fmt(a["rps_median"]), spread, _fmt(a["p50_ms_median"], 2),
                          _fmt(a["p99_ms_median"], 2), err, ratio])
@@ -728,6 +725,16 @@ def machine_info() -> dict:
 # --------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------
+
+def spread_and_errors(a: dict) -> tuple[str, str]:
+    """Two table cells of an aggregated cell: the req/s range over the runs, and
+    the failed requests with their kinds."""
+    spread = f"{a['rps_min']:,.0f}–{a['rps_max']:,.0f}" if a["runs_ok"] > 1 else ""
+    err = str(a["failed_total"])
+    if a["failed_breakdown"]:
+        err += " (" + ", ".join(f"{k}×{v}" for k, v in sorted(a["failed_breakdown"].items())) + ")"
+    return spread, err
+
 
 def add_timing_args(ap: argparse.ArgumentParser) -> None:
     """The options every benchmark here shares: how long and how often."""

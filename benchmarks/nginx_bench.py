@@ -390,10 +390,7 @@ def build_tables(results: dict, rows: dict[str, Row], args):
                     if f"{name}: {why}" not in notes:
                         notes.append(f"{name}: {why}")
                     continue
-                spread = f"{a['rps_min']:,.0f}–{a['rps_max']:,.0f}" if a["runs_ok"] > 1 else ""
-                err = str(a["failed_total"])
-                if a["failed_breakdown"]:
-                    err += " (" + ", ".join(f"{k}×{v}" for k, v in sorted(a["failed_breakdown"].items())) + ")"
+                spread, err = cb.spread_and_errors(a)
                 r = _ratio(ref, a["rps_median"])
                 good = [x for x in entry["runs"] if x.get("ok")]
                 eff = statistics.median(x["effective_concurrency"] for x in good)

@@ -500,10 +500,7 @@ def build_tables(results: dict, systems: dict, order: list[str]):
                 rows.append([name, "—", "", "—", "—", "—", "—"])
                 notes.append(f"{name}: {why}")
                 continue
-            spread = f"{a['rps_min']:,.0f}–{a['rps_max']:,.0f}" if a["runs_ok"] > 1 else ""
-            err = str(a["failed_total"])
-            if a["failed_breakdown"]:
-                err += " (" + ", ".join(f"{k}×{v}" for k, v in sorted(a["failed_breakdown"].items())) + ")"
+            spread, err = cb.spread_and_errors(a)
             r = _ratio(cg.get("rps_median"), a["rps_median"])
             ratio = "—" if name == CGIGATE else ("n/a" if r is None else f"{r:.2f}×")
             conns = statistics.median([x.get("mean_requests_per_connection") or 0

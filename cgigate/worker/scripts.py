@@ -346,7 +346,9 @@ class FastCGIConnection(asyncio.Protocol):
         self._paused_by = 0
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
+        self._loop = asyncio.get_running_loop()
         self._idle: asyncio.TimerHandle | None = None
+        self._last_data = 0.0                        # loop time of the last bytes received
 
     # --- asyncio.Protocol ---
 
@@ -362,7 +364,8 @@ class FastCGIConnection(asyncio.Protocol):
                 return
         self.server.connections.add(self)
         log.debug("fastcgi connection opened from %s", self.peer)
-        self._arm_idle()
+        self._last_data = self._loop.time()
+        self._idle = self._loop.call_later(self.server.idle_timeout, self._idle_check)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -388,6 +391,7 @@ class FastCGIConnection(asyncio.Protocol):
         log.debug("fastcgi connection from %s closed", self.peer)
 
     def data_received(self, data: bytes) -> None:
+        self._last_data = self._loop.time()    # what the idle timer looks at; no timer per read
         try:
             found = self.fcgi.receive_data(data)
         except ProtocolError as e:
@@ -401,8 +405,6 @@ class FastCGIConnection(asyncio.Protocol):
             self._dispatch(event)
         if self.fcgi.close_after and not self.requests:
             self.close()
-        else:
-            self._arm_idle()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -530,14 +532,14 @@ class FastCGIConnection(asyncio.Protocol):
             self.closed = True
             self.transport.close()
 
-    def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(self.server.idle_timeout, self._idle_over)
-
-    def _idle_over(self) -> None:
-        if self.requests:
-            self._arm_idle()   # running requests keep it alive
+    def _idle_check(self) -> None:
+        """Close the connection once it has received nothing for idle_timeout
+        seconds and runs no request (running requests keep it alive)."""
+        timeout = self.server.idle_timeout
+        quiet = self._loop.time() - self._last_data
+        if self.requests or quiet < timeout:
+            wait = timeout if self.requests else timeout - quiet
+            self._idle = self._loop.call_later(wait, self._idle_check)
             return
         if self.fcgi.pending_input:
             log.warning("fastcgi connection from %s sent half a record and stalled for %gs; closed",

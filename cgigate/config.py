@@ -356,11 +356,12 @@ ROUTE_KEYS = {
     "cgi_dir": "Directory whose executable files are run as CGI scripts under the prefix.",
     "fastcgi": "Address of a FastCGI responder (flup, php-fpm, cgigate fcgi): HOST:PORT or unix:PATH.",
     "app": "A WSGI application, MODULE:CALLABLE, run by a pool of cgigate fcgi workers the daemon starts.",
+    "return": "Text the front answers with by itself (200 text/plain), like nginx's `return 200 TEXT`.",
     "workers": "For an app route: worker processes (default 2).",
     "threads": "For an app route: threads per worker (default 1; more multiplexes).",
     "timeout": "This route's timeout in seconds (overrides [cgi] timeout).",
 }
-ROUTE_KINDS = ("cgi_dir", "fastcgi", "app")
+ROUTE_KINDS = ("cgi_dir", "fastcgi", "app", "return")
 
 
 @dataclass
@@ -370,11 +371,14 @@ class Route:
     timeout: float | None = None
     fastcgi: str = ""       # address of an external FastCGI responder
     app: str = ""           # MODULE:CALLABLE served by workers the daemon starts
+    text: str | None = None  # `return`: what the front answers with by itself
     workers: int = 2
     threads: int = 1
 
     @property
     def kind(self) -> str:
+        if self.text is not None:
+            return "return"
         return "app" if self.app else "fastcgi" if self.fastcgi else "cgi"
 
 
@@ -491,7 +495,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
 
 def _route_from_table(entry: Any, where: str, source: str, base_dir: str, config: Config) -> Route:
     if not isinstance(entry, dict):
-        raise ConfigError(source, where, "expected a table with prefix and one of cgi_dir, fastcgi, app")
+        raise ConfigError(source, where, "expected a table with prefix and one of cgi_dir, fastcgi, app, return")
     for key in entry:
         if key not in ROUTE_KEYS:
             raise ConfigError(source, f"{where} {key}", "unknown key" + _suggest(key, ROUTE_KEYS))
@@ -499,7 +503,7 @@ def _route_from_table(entry: Any, where: str, source: str, base_dir: str, config
         raise ConfigError(source, f"{where} prefix", "missing; a route needs a prefix")
     kinds = [key for key in ROUTE_KINDS if key in entry]
     if len(kinds) != 1:
-        raise ConfigError(source, where, "a route needs exactly one of cgi_dir, fastcgi or app"
+        raise ConfigError(source, where, "a route needs exactly one of cgi_dir, fastcgi, app or return"
                           + (f" (it has {', '.join(kinds)})" if kinds else ""))
     try:
         route = Route(prefix=_normalise_prefix(to_str(entry["prefix"])),
@@ -526,6 +530,11 @@ def _route_from_table(entry: Any, where: str, source: str, base_dir: str, config
         except ValueError as e:
             raise ConfigError(source, f"{where} fastcgi", str(e)) from None
         route.fastcgi = address
+    elif "return" in entry:
+        try:
+            route.text = to_str(entry["return"])
+        except ValueError as e:
+            raise ConfigError(source, f"{where} return", str(e)) from None
     else:
         try:
             route.app = to_str(entry["app"])
@@ -547,6 +556,8 @@ def describe(config: Config) -> str:
             target = f"CGI scripts in {r.cgi_dir}"
         elif r.kind == "fastcgi":
             target = f"FastCGI responder at {r.fastcgi}"
+        elif r.kind == "return":
+            target = f"the front itself, answering {r.text[:40]!r}"
         else:
             target = f"WSGI app {r.app} ({r.workers} worker(s) x {r.threads} thread(s))"
         lines.append(f"route: {r.prefix} -> {target} (timeout {timeout:g}s)")

@@ -52,7 +52,7 @@ def test_default_config_loads():
     ("[server]\nbind = [\"nowhere\"]\n", "[server] bind", "HOST:PORT"),
     ("[server]\nlog_level = \"loud\"\n", "[server] log_level", "one of debug"),
     ("[srv]\n", "srv", "unknown section"),
-    ("[[route]]\nprefix = \"/x/\"\n", "[[route]] #1", "exactly one of cgi_dir, fastcgi or app"),
+    ("[[route]]\nprefix = \"/x/\"\n", "[[route]] #1", "exactly one of cgi_dir, fastcgi, app or return"),
     ("[[route]]\nprefix = \"/x/\"\ncgi_dir = \".\"\napp = \"a:b\"\n", "[[route]] #1", "it has cgi_dir, app"),
     ("[[route]]\nprefix = \"/x/\"\nfastcgi = \"nowhere\"\n", "[[route]] #1 fastcgi", ""),
     ("[[route]]\nprefix = \"/x/\"\napp = \"no_colon\"\n", "[[route]] #1 app", "MODULE:CALLABLE"),

@@ -29,6 +29,7 @@ from cgigate.cgi.handler import CGIHandler, ChildLimiter, LocalRedirect
 from cgigate.config import Config
 from cgigate.errors import ClientDisconnected, HTTPError
 from cgigate.front.apps import AppPools
+from cgigate.front.fixed import FixedHandler
 from cgigate.front.http import HTTPConnection
 from cgigate.listeners import open_listeners, remove_unix_sockets
 from cgigate.front.paths import decode_segments
@@ -51,6 +52,8 @@ class Server:
             prefix_segments = [s.encode("latin-1") for s in route.prefix.split("/") if s]
             if route.kind == "cgi":
                 handler = CGIHandler(route, config, self.limiter)
+            elif route.kind == "return":
+                handler = FixedHandler(route)
             else:
                 pool = self.pools.get(route.fastcgi)
                 if pool is None:

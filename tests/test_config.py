@@ -38,7 +38,7 @@ def test_default_config_documents_every_setting():
 def test_default_config_loads():
     loaded = config.load(DEFAULT_CONF)
     assert sorted((r.prefix, r.kind) for r in loaded.routes) == [
-        ("/app/", "app"), ("/cgi-bin/", "cgi"), ("/flup/", "fastcgi")]
+        ("/app/", "app"), ("/cgi-bin/", "cgi"), ("/flup/", "fastcgi"), ("/ping/", "return")]
     cgi_route = next(r for r in loaded.routes if r.kind == "cgi")
     assert cgi_route.cgi_dir == os.path.realpath(os.path.join(ROOT, "cgi-bin"))
     assert str(loaded.binds[0]) == "127.0.0.1:8080"

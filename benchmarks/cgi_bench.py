@@ -5,7 +5,7 @@ Measures requests/s and p50/p99 latency for cgi-bin/hello.sh and
 cgi-bin/hello.py at concurrency 1 and 16, all systems side by side in one
 run, with runs interleaved round-robin (A B C D A B C D ...) and the median
 of the runs reported.  Latencies come from the harness's own per-request
-timings (benchmarks/loadgen.py), not from wrk.
+timings (cgigate/demo/loadgen.py), not from wrk.
 
     .venv/bin/python benchmarks/cgi_bench.py [--quick] [--duration S] [--runs N]
                                              [--out benchmarks/results/cgi.json]
@@ -36,9 +36,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import loadgen  # noqa: E402  (benchmarks/loadgen.py)
+from cgigate.demo import loadgen  # noqa: E402  (the load generator `cgigate demo` uses too)
 
-LOADGEN = HERE / "loadgen.py"
+LOADGEN = [sys.executable, "-m", "cgigate.demo.loadgen"]
 HOST = "127.0.0.1"
 # The PATH every system hands its CGI scripts (so `#!/usr/bin/env python3`
 # resolves to the same interpreter everywhere, and not to a pyenv shim).
@@ -539,10 +539,10 @@ def _netstat_listen() -> dict[str, int]:
 
 def run_cell(s: System, script: str, conc: int, args, pin: bool) -> dict:
     if s.kind == "spawn":
-        argv = [sys.executable, str(LOADGEN), "--spawn", str(REPO / "cgi-bin" / script),
+        argv = [*LOADGEN, "--spawn", str(REPO / "cgi-bin" / script),
                 "--path-env", CLEAN_PATH]
     else:
-        argv = [sys.executable, str(LOADGEN), s.url(script)]
+        argv = [*LOADGEN, s.url(script)]
         if pin:
             argv += ["--pin", "1"]
     argv += ["-c", str(conc), "-d", str(args.duration), "--warmup", str(args.warmup), "--json"]
@@ -835,7 +835,7 @@ def main(argv=None) -> int:
     log(f"settings: {len(cells)} cells x {len(args.systems)} systems x {args.runs} run(s), "
         f"{args.duration:g} s measured + {args.warmup:g} s warm-up each, round-robin order "
         f"{' → '.join(args.systems)}")
-    log("load generator: benchmarks/loadgen.py (own closed-loop client, raw sockets, "
+    log("load generator: cgigate/demo/loadgen.py (own closed-loop client, raw sockets, "
         "asyncio/uvloop; p50/p99 from its own per-request perf_counter timings)"
         + (", pinned to CPU 1 (servers unpinned)" if pin else ", not pinned (1 CPU)")
         + "; spawn loop is not pinned")

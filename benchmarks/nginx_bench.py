@@ -12,7 +12,7 @@ passing FastCGI over a unix socket to one backend:
 
 The CGI rows run cgi-bin/hello.sh and cgi-bin/hello.py (copied into a temp
 dir), the WSGI rows examples/hello.py.  The same load generator
-(benchmarks/loadgen.py, pinned to CPU 1) measures each row at concurrency 1
+(cgigate/demo/loadgen.py, pinned to CPU 1) measures each row at concurrency 1
 and 16; runs are interleaved round-robin and the medians reported with the
 ratios cgigate ÷ peer and the targets.
 
@@ -542,7 +542,7 @@ def main(argv=None) -> int:
         f"{args.app_workers}; flup-threaded {args.flup_threads}, flup-fork {args.flup_fork}")
     log(f"nginx: 1 worker per row, upstream keepalive {args.upstream_keepalive}, fastcgi_keep_conn on"
         + (f" (off for {', '.join(sorted(args.no_keep_conn))})" if args.no_keep_conn else ""))
-    log("load generator: benchmarks/loadgen.py (closed loop, keep-alive; p50/p99 from its own "
+    log("load generator: cgigate/demo/loadgen.py (closed loop, keep-alive; p50/p99 from its own "
         "per-request perf_counter timings)" + (", pinned to CPU 1 (servers unpinned)" if pin else ""))
     log()
 

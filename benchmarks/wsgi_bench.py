@@ -3,7 +3,7 @@
 
 The same hello-world WSGI app (examples/hello.py, callable `app`) served
 three ways, measured in one run with the same load generator
-(benchmarks/loadgen.py) at concurrency 1, 16 and 64:
+(cgigate/demo/loadgen.py) at concurrency 1, 16 and 64:
 
   cgigate --app     cgigate serve --app examples.hello:app --workers 2: the
                     asyncio front forwards over FastCGI to 2 pre-forked
@@ -48,7 +48,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import cgi_bench as cb  # noqa: E402  (process handling, loadgen cells, aggregation)
-import loadgen  # noqa: E402
+from cgigate.demo import loadgen  # noqa: E402
 
 HOST = cb.HOST
 EXPECT = b"Hello, world!"
@@ -371,7 +371,7 @@ def profile_cgigate(s: System, args, pin: bool, tmp: Path) -> dict:
     modes = [("gil", ["--gil"]), ("nogil", [])]
     secs = args.profile_seconds
     load_secs = 1.0 + len(modes) * (secs + 1.5) + 1.0
-    lg = [sys.executable, str(cb.LOADGEN), s.url(), "-c", "16", "-d", f"{load_secs:g}",
+    lg = [*cb.LOADGEN, s.url(), "-c", "16", "-d", f"{load_secs:g}",
           "--warmup", "0.5", "--json"] + (["--pin", "1"] if pin else [])
     log(f"profiling cgigate at c=16: front pid {front}, worker pid {worker} "
         f"(fcgi supervisor {sup}); py-spy {secs:g}s at 500 Hz, --gil then without")
@@ -554,7 +554,7 @@ def main(argv=None) -> int:
     log(f"settings: {len(args.concurrency)} concurrencies {args.concurrency} x {len(args.systems)} systems "
         f"x {args.runs} run(s), {args.duration:g} s measured + {args.warmup:g} s warm-up each, "
         f"round-robin order {' → '.join(args.systems)}; app {APP}; {args.workers} workers")
-    log("load generator: benchmarks/loadgen.py (closed loop, keep-alive reuse, reconnect on "
+    log("load generator: cgigate/demo/loadgen.py (closed loop, keep-alive reuse, reconnect on "
         "Connection: close with the connect time counted; p50/p99 from its own perf_counter timings)"
         + (", pinned to CPU 1 (servers unpinned)" if pin else ", not pinned (1 CPU)"))
     log()

@@ -1,6 +1,6 @@
-"""Closed-loop load generator for the CGI benchmark (no third-party deps).
+"""Closed-loop load generator for `cgigate demo` and benchmarks/ (no third-party deps).
 
-Two modes, both "C workers, each doing one thing at a time, back to back":
+Three modes, all "C workers, each doing one thing at a time, back to back":
 
 * HTTP: C connections over raw sockets (asyncio, uvloop when importable).
   Each worker sends one GET, reads the whole response, records the latency
@@ -12,6 +12,13 @@ Two modes, both "C workers, each doing one thing at a time, back to back":
 * spawn: C threads, each running the CGI script directly (execve via its
   shebang, like a gateway does) with a small CGI-like environment and
   reading its stdout, timing each spawn.
+* wrk (--wrk): the same closed loop driven by wrk when it is installed;
+  its printed figures are parsed into the same shape.  wrk counts whole
+  seconds only and does not check bodies.
+
+With --window-fd, 's' and 'e' are written to that descriptor when the
+counted window opens and closes, so a watcher can read the servers' CPU
+and process counters at the same moments.
 
 Latencies are the harness's own per-request timings; there is no
 coordinated-omission correction (this is a closed loop: a slow response
@@ -20,11 +27,11 @@ delays the next request of that worker, and that shows up as lower req/s).
 Only requests that *complete* inside the measurement window
 [start + warmup, start + warmup + duration] are counted.
 
-Used by benchmarks/cgi_bench.py, which runs it as a subprocess per cell
-and reads one JSON object from stdout.  It also works standalone:
+`cgigate demo` and benchmarks/*.py run it as a subprocess per cell and
+read one JSON object from stdout.  It also works standalone:
 
-    python benchmarks/loadgen.py http://127.0.0.1:8080/cgi-bin/hello.sh -c 16 -d 5
-    python benchmarks/loadgen.py --spawn cgi-bin/hello.sh -c 16 -d 5
+    python -m cgigate.demo.loadgen http://127.0.0.1:8080/cgi-bin/hello.sh -c 16 -d 5
+    python -m cgigate.demo.loadgen --spawn cgi-bin/hello.sh -c 16 -d 5
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,6 +53,8 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "ResponseParser",
+    "parse_wrk",
+    "run_wrk",
     "ProtocolError",
     "http_get",
     "run_http",
@@ -441,8 +452,12 @@ def _error_kind(e: BaseException) -> str:
     return type(e).__name__
 
 
-async def _http_main(host, port, path, concurrency, duration, warmup, timeout, expect):
+async def _http_main(host, port, path, concurrency, duration, warmup, timeout, expect, window_fd):
     loop = asyncio.get_running_loop()
+    if window_fd is not None:
+        # tell whoever watches the servers when the counted window opens and closes
+        loop.call_later(warmup, os.write, window_fd, b"s")
+        loop.call_later(warmup + duration, os.write, window_fd, b"e")
     req = (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
         "User-Agent: cgibench\r\nAccept: */*\r\n\r\n"
@@ -541,14 +556,18 @@ async def _http_main(host, port, path, concurrency, duration, warmup, timeout, e
     )
 
 
-def run_http(url: str, concurrency: int, duration: float, warmup: float = 0.5,
-             timeout: float = 10.0, expect: bytes | None = b"Hello, world!") -> dict:
+def split_url(url: str) -> tuple[str, int, str]:
+    """(host, port, path with query) of an http:// URL."""
     u = urlsplit(url)
     if u.scheme != "http":
-        raise ValueError("only http:// URLs are supported")
-    host = u.hostname or "127.0.0.1"
-    port = u.port or 80
-    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        raise ValueError(f"only http:// URLs are supported, got {url!r}")
+    return u.hostname or "127.0.0.1", u.port or 80, (u.path or "/") + (f"?{u.query}" if u.query else "")
+
+
+def run_http(url: str, concurrency: int, duration: float, warmup: float = 0.5,
+             timeout: float = 10.0, expect: bytes | None = b"Hello, world!",
+             window_fd: int | None = None) -> dict:
+    host, port, path = split_url(url)
     loop_name = "asyncio"
     try:
         import uvloop  # type: ignore
@@ -560,11 +579,80 @@ def run_http(url: str, concurrency: int, duration: float, warmup: float = 0.5,
     loop = loop_factory()
     try:
         res = loop.run_until_complete(
-            _http_main(host, port, path, concurrency, duration, warmup, timeout, expect)
+            _http_main(host, port, path, concurrency, duration, warmup, timeout, expect, window_fd)
         )
     finally:
         loop.close()
-    res.update(mode="http", url=url, concurrency=concurrency, warmup_s=warmup, event_loop=loop_name)
+    res.update(mode="http", url=url, concurrency=concurrency, warmup_s=warmup, event_loop=loop_name,
+               tasks_created_in_window=0)
+    return res
+
+
+# --------------------------------------------------------------------------
+# wrk mode: the same closed loop, driven by wrk (C, multi-threaded) when installed
+# --------------------------------------------------------------------------
+
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+
+
+def _wrk_ms(text: str) -> float:
+    """'812.00us', '1.25ms', '2.01s' in milliseconds."""
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text)
+    if not m:
+        raise ProtocolError(f"unreadable wrk time {text!r}")
+    return float(m.group(1)) * _WRK_UNITS[m.group(2)]
+
+
+def parse_wrk(output: str) -> dict:
+    """What `wrk --latency` printed, in summarize()'s shape (plus the failure counts)."""
+    m = re.search(r"^\s*(\d+) requests in ([0-9.]+)(us|ms|s|m|h)", output, re.M)
+    if not m:
+        raise ProtocolError("wrk printed no 'N requests in T' line:\n" + output[-2000:])
+    requests, duration_s = int(m.group(1)), _wrk_ms(m.group(2) + m.group(3)) / 1000.0
+    latency: dict[str, float | None] = {"min": None, "p99.9": None}
+    stats = re.search(r"^\s*Latency\s+(\S+)\s+(\S+)\s+(\S+)", output, re.M)
+    if stats:
+        latency["mean"], latency["max"] = _wrk_ms(stats.group(1)), _wrk_ms(stats.group(3))
+    for q in ("50", "90", "99"):
+        p = re.search(rf"^\s*{q}(?:\.0+)?%\s+(\S+)", output, re.M)
+        latency[f"p{q}"] = _wrk_ms(p.group(1)) if p else None
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", output)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    errors = {}
+    if socket_errors:
+        errors = {kind: int(n) for kind, n in zip(("connect", "read", "write", "timeout"),
+                                                    socket_errors.groups()) if int(n)}
+    failed = (int(non2xx.group(1)) if non2xx else 0) + sum(errors.values())
+    ok = max(0, requests - (int(non2xx.group(1)) if non2xx else 0))
+    return {"requests": ok, "rps": round(ok / duration_s, 3) if duration_s else None,
+            "latency_ms": {k: (round(v, 4) if v is not None else None) for k, v in latency.items()},
+            "duration_s": duration_s, "non200": {"non-2xx/3xx": int(non2xx.group(1))} if non2xx else {},
+            "errors": errors, "bad_body": 0, "failed": failed}
+
+
+def run_wrk(url: str, concurrency: int, duration: float, warmup: float = 0.5,
+            timeout: float = 10.0, window_fd: int | None = None, wrk: str = "wrk") -> dict:
+    """wrk counts only whole seconds, so the measured part is `duration` rounded up;
+    the warm-up is a separate wrk run whose figures are dropped."""
+    split_url(url)
+    threads = max(1, min(concurrency, os.cpu_count() or 1, 4))
+    seconds = max(1, math.ceil(duration))
+    base = [wrk, "-t", str(threads), "-c", str(concurrency), "--latency",
+            "--timeout", f"{max(1, math.ceil(timeout))}s"]
+    if warmup > 0:
+        subprocess.run(base + ["-d", f"{max(1, math.ceil(warmup))}s", url],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    if window_fd is not None:
+        os.write(window_fd, b"s")
+    done = subprocess.run(base + ["-d", f"{seconds}s", url], capture_output=True, text=True)
+    if window_fd is not None:
+        os.write(window_fd, b"e")
+    if done.returncode != 0:
+        raise ProtocolError(f"wrk exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+    res = parse_wrk(done.stdout)
+    res.update(mode="wrk", url=url, concurrency=concurrency, warmup_s=warmup, wrk_threads=threads,
+               # the process wrk is and its threads are created inside the window too
+               tasks_created_in_window=1 + threads)
     return res
 
 
@@ -656,6 +744,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("target", help="http://host:port/path, or a script path with --spawn")
     ap.add_argument("--spawn", action="store_true", help="spawn-loop mode: run TARGET as a CGI script")
+    ap.add_argument("--wrk", action="store_true",
+                    help="drive the load with wrk instead of the built-in client (whole seconds only)")
+    ap.add_argument("--window-fd", type=int, default=None, metavar="FD",
+                    help="write 's' to FD when the counted window opens and 'e' when it closes")
     ap.add_argument("-c", "--concurrency", type=int, default=1)
     ap.add_argument("-d", "--duration", type=float, default=5.0, help="measured seconds")
     ap.add_argument("--warmup", type=float, default=0.5, help="seconds run but not counted")
@@ -677,9 +769,12 @@ def main(argv=None) -> int:
         if args.spawn:
             res = run_spawn(args.target, args.concurrency, args.duration, args.warmup,
                             args.path_env, expect)
+        elif args.wrk:
+            res = run_wrk(args.target, args.concurrency, args.duration, args.warmup,
+                          args.timeout, args.window_fd)
         else:
             res = run_http(args.target, args.concurrency, args.duration, args.warmup,
-                           args.timeout, expect)
+                           args.timeout, expect, args.window_fd)
     finally:
         gc.enable()
     res["loadgen_cpus"] = pinned if pinned is not None else sorted(os.sched_getaffinity(0))

@@ -1,4 +1,4 @@
-"""`cgigate serve | check-config`: the command line, generated from config.SETTINGS."""
+"""`cgigate serve | fcgi | check-config | demo`: the command line, generated from config.SETTINGS."""
 
 from __future__ import annotations
 
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and show what it serves")
     check.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config file")
+    from cgigate.demo.command import add_parser as add_demo_parser
+    add_demo_parser(commands)
     return parser
 
 
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "demo":
+        from cgigate.demo.command import run_command
+        return run_command(args)
     try:
         config = load_config(args)
     except configuration.ConfigError as e:

@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench bench-quick check-config clean venv
+.PHONY: run test demo bench bench-quick check-config clean venv
 
 venv: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("cgigate needs Python 3.11+, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,demo]'
 	touch $(STAMP)
 
 # The demo: CGI scripts under /cgi-bin/, a WSGI app on cgigate's own FastCGI
@@ -27,6 +27,11 @@ check-config: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The teaching demo: CGI against FastCGI on this machine, about a minute;
+# the report lands in ./demo-report/.  DEMO_ARGS="--against nginx-fcgiwrap,flup".
+demo: $(STAMP)
+	$(VENV)/bin/cgigate demo $(DEMO_ARGS)
 
 # The three benchmarks, against their peers (nginx + fcgiwrap, http.server, a
 # spawn loop; gunicorn, flup; behind nginx: fcgiwrap, flup threaded and

@@ -68,6 +68,7 @@ int main(void) {
 class Form:
     name: str
     label: str
+    short: str           # for the terminal's table
     kind: str            # "floor", "cgi" or "fastcgi"
     explanation: str
 
@@ -77,19 +78,19 @@ class Form:
 
 
 FORMS = {f.name: f for f in (
-    Form("floor", "floor: the front alone", "floor",
+    Form("floor", "floor: the front alone", "floor", "floor",
          "cgigate answers by itself, with no backend. Everything else costs at least this: "
          "accepting the connection, parsing HTTP, routing, logging and writing the answer."),
-    Form("c", "CGI: C program", "cgi",
+    Form("c", "CGI: C program", "CGI C", "cgi",
          "A new process per request running a compiled program. What it costs above the floor is "
          "the price of a process: fork (vfork), exec, the dynamic loader, pipes, and reaping it."),
-    Form("sh", "CGI: sh script", "cgi",
+    Form("sh", "CGI: sh script", "CGI sh", "cgi",
          "A new process per request, which starts the shell and has it read the script. "
          "Like the C program plus an interpreter's start."),
-    Form("py", "CGI: Python script", "cgi",
+    Form("py", "CGI: Python script", "CGI Python", "cgi",
          "A new process per request that starts a Python interpreter, imports what the script "
          "needs, answers and exits. The interpreter's start, and any import, is paid on every request."),
-    Form("wsgi", "FastCGI: WSGI workers", "fastcgi",
+    Form("wsgi", "FastCGI: WSGI workers", "FastCGI WSGI", "fastcgi",
          "The same Python code loaded once in persistent worker processes; the front passes each "
          "request over a unix socket with the FastCGI protocol. Start-up is paid once, not per request."),
 )}

@@ -25,15 +25,17 @@ def _fmt(v, digits=2):
 
 COLUMNS = ("form", "c", "req/s", "p50 ms", "p90 ms", "p99 ms", "procs/req",
            "CPU ms/req front", "CPU ms/req backend", "peak MiB")
+SHORT_COLUMNS = ("form", "c", "req/s", "p50", "p90", "p99 ms", "procs/req", "CPU front", "CPU back ms",
+                 "peak MiB")
 
 
-def table_rows(result: dict) -> list[list[str]]:
+def table_rows(result: dict, short: bool = False) -> list[list[str]]:
     out = []
     for row in result["rows"]:
         for cell in row["cells"]:
             lat = cell["latency_ms"]
             cpu = cell["cpu_ms_per_request"] or {}
-            out.append([row["label"], str(cell["concurrency"]), _fmt(cell["rps"], 1), _fmt(lat.get("p50")),
+            out.append([row["short"] if short else row["label"], str(cell["concurrency"]), _fmt(cell["rps"], 1), _fmt(lat.get("p50")),
                         _fmt(lat.get("p90")), _fmt(lat.get("p99")), _fmt(cell["processes_per_request"]),
                         _fmt(cpu.get("front"), 3), _fmt(cpu.get("backend"), 3), _fmt(cell["peak_memory_mib"], 1)])
     return out
@@ -58,16 +60,17 @@ def model_lines(result: dict) -> list[str]:
 
 def print_summary(result: dict, paths: dict[str, str], file=None) -> None:
     file = file or sys.stdout
-    rows = table_rows(result)
+    rows = table_rows(result, short=True)
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
         Console = None
     if Console is not None:
-        console = Console(file=file)
-        table = Table(title="cgigate demo: the same hello in every form", title_justify="left")
-        for i, col in enumerate(COLUMNS):
+        console = Console(file=file, width=None if file.isatty() else 120)
+        table = Table(title="cgigate demo: the same hello in every form (CPU is per request)",
+                      title_justify="left")
+        for i, col in enumerate(SHORT_COLUMNS):
             table.add_column(col, justify="left" if i == 0 else "right")
         last = None
         for r in rows:
@@ -75,8 +78,9 @@ def print_summary(result: dict, paths: dict[str, str], file=None) -> None:
             last = r[0]
         console.print(table)
     else:
-        widths = [max(len(COLUMNS[i]), *(len(r[i]) for r in rows)) for i in range(len(COLUMNS))] if rows else []
-        print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)), file=file)
+        widths = [max(len(SHORT_COLUMNS[i]), *(len(r[i]) for r in rows)) for i in range(len(SHORT_COLUMNS))] \
+            if rows else []
+        print("  ".join(c.ljust(w) for c, w in zip(SHORT_COLUMNS, widths)), file=file)
         for r in rows:
             print("  ".join(v.ljust(w) for v, w in zip(r, widths)), file=file)
     print(file=file)

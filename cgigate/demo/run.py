@@ -144,6 +144,11 @@ class Progress:
         elif not self.quiet:
             print(f"[{self.done + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
 
+    def skip(self, cells: int) -> None:
+        self.done += cells
+        if self._rich is not None:
+            self._rich.advance(self._task, cells)
+
     def advance(self) -> None:
         self.done += 1
         if self._rich is not None:
@@ -161,10 +166,10 @@ class Progress:
             self._rich.stop()
 
 
-def _row(system: str, name: str, label: str, explanation: str, startup_ms: int, spawns: bool | None,
-         kind: str) -> dict:
-    return {"system": system, "form": name, "label": label, "explanation": explanation, "kind": kind,
-            "startup_ms": startup_ms, "spawns": spawns, "cells": [], "notes": []}
+def _row(system: str, name: str, label: str, short: str, explanation: str, startup_ms: int,
+         spawns: bool | None, kind: str) -> dict:
+    return {"system": system, "form": name, "label": label, "short": short, "explanation": explanation,
+            "kind": kind, "startup_ms": startup_ms, "spawns": spawns, "cells": [], "notes": []}
 
 
 def plan(settings: Settings) -> list[tuple[str, int, tuple[int, ...]]]:
@@ -200,7 +205,7 @@ def run(settings: Settings, quiet: bool = False) -> dict:
     try:
         for what, startup_ms, levels in runs:
             if what == "url":
-                row = _row("url", "url", f"your server: {settings.url}",
+                row = _row("url", "url", f"your server: {settings.url}", "your URL",
                            "The server at the URL you gave. Its processes are not the demo's, so only "
                            "throughput and latency are measured.", 0, None, "url")
                 _run_levels(row, settings.url, levels, settings, None, None, progress)
@@ -212,9 +217,9 @@ def run(settings: Settings, quiet: bool = False) -> dict:
                 if reason:
                     skipped.append({"what": peer.name, "reason": reason})
                     progress.note(f"skipped {peer.name}: {reason}")
-                    progress.done += len(levels)
+                    progress.skip(len(levels))
                     continue
-                row = _row(peer.name, peer.name, peer.label, peer.explanation, 0, peer.spawns, "peer")
+                row = _row(peer.name, peer.name, peer.label, peer.name, peer.explanation, 0, peer.spawns, "peer")
                 try:
                     server = peer.start(work, settings.workers)
                 except Exception as e:
@@ -235,13 +240,14 @@ def run(settings: Settings, quiet: bool = False) -> dict:
                 continue
             form = F.FORMS[what]
             label = form.label + (f", app start-up {startup_ms} ms" if startup_ms else "")
-            row = _row("cgigate", form.name, label, form.explanation, startup_ms, form.spawns, form.kind)
+            short = form.short + (f" +{startup_ms}ms" if startup_ms else "")
+            row = _row("cgigate", form.name, label, short, form.explanation, startup_ms, form.spawns, form.kind)
             try:
                 route, script = F.route_for(form, work, startup_ms, settings.workers)
             except RuntimeError as e:
                 skipped.append({"what": form.name, "reason": str(e)})
                 progress.note(f"skipped {form.label}: {e}")
-                progress.done += len(levels)
+                progress.skip(len(levels))
                 continue
             name = f"{form.name}-{startup_ms}ms"
             try:
@@ -250,7 +256,7 @@ def run(settings: Settings, quiet: bool = False) -> dict:
             except RuntimeError as e:
                 skipped.append({"what": label, "reason": str(e)})
                 progress.note(f"skipped {label}: {e}")
-                progress.done += len(levels)
+                progress.skip(len(levels))
                 continue
             try:
                 url = f"http://127.0.0.1:{daemon.port}/demo/{script}"

@@ -1,0 +1,146 @@
+"""`cgigate demo` end to end, in a short mode: real daemons, real scripts, real
+workers, the real load generator; then the report is checked for sense."""
+
+import html
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from conftest import ROOT
+
+FORMS = ("floor", "c", "sh", "py", "wsgi")
+
+
+def demo(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "cgigate", "demo", "--quiet", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def leftovers(marker: str) -> list[str]:
+    """Command lines of live processes that mention `marker`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    done = demo("--duration", "0.6", "--warmup", "0.2", "--concurrency", "1,4", "--startup", "0,50",
+                "-o", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    with open(out / "report.json") as f:
+        result = json.load(f)
+    return out, result, done.stdout
+
+
+def cells(result, form, startup_ms=0):
+    row = next(r for r in result["rows"] if r["system"] == "cgigate" and r["form"] == form
+               and r["startup_ms"] == startup_ms)
+    return {c["concurrency"]: c for c in row["cells"]}
+
+
+def test_every_form_ran_and_answered(report):
+    _, result, _ = report
+    assert result["skipped"] == []
+    for form in FORMS:
+        for c, cell in cells(result, form).items():
+            assert cell["requests"] > 0 and cell["failed"] == 0, (form, c, cell)
+            assert cell["latency_ms"]["p50"] <= cell["latency_ms"]["p90"] <= cell["latency_ms"]["p99"]
+
+
+def test_cgi_forms_spawn_a_process_per_request(report):
+    _, result, _ = report
+    for form in ("c", "sh", "py"):
+        for c, cell in cells(result, form).items():
+            counted = cell["requests"] + cell["failed"]
+            # one each; only the up to `c` requests that straddle the window's opening
+            # started their process before it
+            assert cell["processes_created"] >= counted - c, (form, c, cell)
+            assert cell["processes_per_request"] > 0.9
+            assert cell["cpu_ms_per_request"]["backend"] > 0
+
+
+def test_fastcgi_and_floor_spawn_nothing_after_warm_up(report):
+    _, result, _ = report
+    for form in ("floor", "wsgi"):
+        for c, cell in cells(result, form).items():
+            assert cell["processes_per_request"] < 0.05, (form, c, cell)
+    assert all(cell["cpu_ms_per_request"]["backend"] == 0 for cell in cells(result, "floor").values())
+    # the workers are the backend, and they did the app's work
+    assert cells(result, "wsgi")[4]["cpu_ms_per_request"]["backend"] > 0
+    assert cells(result, "wsgi")[4]["peak_processes"] >= 3   # front, supervisor, workers
+
+
+def test_throughput_ordering_floor_fastcgi_python_cgi(report):
+    _, result, _ = report
+    for c in (1, 4):
+        floor, wsgi, py = (cells(result, f)[c]["rps"] for f in ("floor", "wsgi", "py"))
+        assert floor > wsgi > py, (c, floor, wsgi, py)
+
+
+def test_start_up_cost_is_paid_per_request_by_cgi_only(report):
+    _, result, _ = report
+    terms = result["model"]["terms_ms"]
+    # 50 ms of start-up CPU: a CGI script pays it on every request, a worker once
+    assert cells(result, "py", 50)[1]["latency_ms"]["p50"] > cells(result, "py", 0)[1]["latency_ms"]["p50"] + 25
+    assert 0.5 < terms["k_cgi"] < 2.0
+    assert abs(terms["k_fcgi"]) < 0.1
+    assert terms["spawn"] > 0 and terms["python_start"] > 0
+
+
+def test_chart_html_and_terminal_summary(report):
+    out, result, stdout = report
+    png = (out / "chart.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20000
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    for row in result["rows"]:
+        assert html.escape(row["explanation"]) in page
+    assert "Cost model per request" in stdout and "CGI Python" in stdout
+    assert re.search(r"to start Python \+ [0-9.]+ x app start-up", stdout)
+    assert f"json: {out / 'report.json'}" in stdout
+
+
+def test_nothing_is_left_behind(report):
+    assert leftovers("cgigate-demo-") == []
+    assert not [d for d in os.listdir("/tmp") if d.startswith("cgigate-demo-")
+                and os.path.getmtime(os.path.join("/tmp", d)) > os.path.getmtime(report[0] / "report.json") - 120]
+
+
+def test_url_mode_measures_a_running_server(cgi, tmp_path):
+    done = demo("--url", cgi.url + "/cgi-bin/hello.sh", "--concurrency", "2", "--duration", "0.4",
+                "--warmup", "0.1", "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "report.json").read_text())
+    [row] = result["rows"]
+    [cell] = row["cells"]
+    assert row["system"] == "url" and cell["requests"] > 0 and cell["failed"] == 0
+    assert cell["cpu_ms_per_request"] is None   # not the demo's processes: not counted
+    assert requests.get(cgi.url + "/cgi-bin/hello.sh").status_code == 200
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--forms", "c,perl"], "unknown form perl; choose from floor, c, sh, py, wsgi"),
+    (["--against", "apache"], "unknown peer apache; choose from"),
+    (["--url", "ftp://example.org/"], "--url wants an http:// URL"),
+    (["--concurrency", "0"], "concurrency must be at least 1"),
+    (["--duration", "0"], "want more than 0 seconds"),
+    (["--forms", "none"], "nothing to measure"),
+])
+def test_bad_options_are_explained(args, message):
+    done = demo(*args, timeout=30)
+    assert done.returncode == 2
+    assert message in done.stderr

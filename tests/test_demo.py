@@ -59,6 +59,8 @@ def test_every_form_ran_and_answered(report):
         for c, cell in cells(result, form).items():
             assert cell["requests"] > 0 and cell["failed"] == 0, (form, c, cell)
             assert cell["latency_ms"]["p50"] <= cell["latency_ms"]["p90"] <= cell["latency_ms"]["p99"]
+            # the machine's busy CPU (less the load generator's) covers what the tree used
+            assert cell["machine_cpu_ms_per_request"] >= 0.5 * cell["cpu_ms_per_request"]["total"]
 
 
 def test_cgi_forms_spawn_a_process_per_request(report):
@@ -67,8 +69,9 @@ def test_cgi_forms_spawn_a_process_per_request(report):
         for c, cell in cells(result, form).items():
             counted = cell["requests"] + cell["failed"]
             # one each; only the up to `c` requests that straddle the window's opening
-            # started their process before it
-            assert cell["processes_created"] >= counted - c, (form, c, cell)
+            # started their process before it (and the demo reads the counter when it
+            # wakes on the window's signal, a little after the load generator's clock)
+            assert cell["processes_created"] >= 0.97 * counted - c, (form, c, cell)
             assert cell["processes_per_request"] > 0.9
             assert cell["cpu_ms_per_request"]["backend"] > 0
 
@@ -118,6 +121,30 @@ def test_nothing_is_left_behind(report):
     assert leftovers("cgigate-demo-") == []
     assert not [d for d in os.listdir("/tmp") if d.startswith("cgigate-demo-")
                 and os.path.getmtime(os.path.join("/tmp", d)) > os.path.getmtime(report[0] / "report.json") - 120]
+
+
+def test_against_adds_the_peers_as_rows(tmp_path):
+    done = demo("--forms", "sh", "--against", "nginx-fcgiwrap,flup,gunicorn", "--concurrency", "2",
+                "--startup", "0", "--duration", "0.5", "--warmup", "0.2", "-o", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "report.json").read_text())
+    missing = {s["what"]: s["reason"] for s in result["skipped"]}
+    if missing:
+        from conftest import IN_CI
+        if IN_CI:
+            pytest.fail(f"CGIGATE_REQUIRE_PEERS is set but peers were skipped: {missing}")
+        pytest.skip(f"peers not installed: {missing}")
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"cgigate", "nginx-fcgiwrap", "flup", "gunicorn"}
+    for name, row in rows.items():
+        [cell] = row["cells"]
+        assert cell["requests"] > 0 and cell["failed"] == 0, (name, cell)
+    # fcgiwrap forks a script per request, like cgigate's sh form
+    fcgiwrap = rows["nginx-fcgiwrap"]["cells"][0]
+    assert fcgiwrap["processes_created"] >= 0.97 * fcgiwrap["requests"] - 2
+    assert any("SIGCHLD" in n for n in rows["nginx-fcgiwrap"]["notes"])
+    assert "nginx-fcgiwrap: " in done.stdout   # its notes are shown in the terminal too
+    assert leftovers("cgigate-demo-") == []
 
 
 def test_url_mode_measures_a_running_server(cgi, tmp_path):

@@ -15,6 +15,9 @@ counted window opens and closes:
   this PID namespace.  The load generator's own (wrk's threads) are taken
   off; anything else started on the machine meanwhile counts too, which is
   why a figure near zero is read as zero.
+* the machine's busy CPU (/proc/stat), less the load generator's and the
+  demo's own: a cross-check that also sees CPU no parent collects (fcgiwrap
+  ignores SIGCHLD, so its scripts' CPU is in nobody's cutime).
 * memory, sampled by a thread every `interval` seconds: the sum of PSS
   (proportional set size, /proc/PID/smaps_rollup) over the tree, so pages
   shared by forked workers are counted once in all; RSS where PSS cannot
@@ -75,6 +78,15 @@ def descendants(pid: int) -> list[int]:
         out.append(child)
         todo.extend(children(child))
     return out
+
+
+def machine_busy_ticks() -> int:
+    """CPU ticks every core of the machine spent busy since boot (/proc/stat)."""
+    with open("/proc/stat", "rb") as f:
+        fields = f.readline().split()
+    # cpu user nice system idle iowait irq softirq steal (guest is inside user)
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return user + nice + system + irq + softirq + steal
 
 
 def last_pid() -> int:
@@ -157,7 +169,8 @@ class TreeWatch:
         return out
 
     def snapshot(self) -> Snapshot:
-        at = time.perf_counter()
+        # the PID counter first: the window is read at the same moment at both ends
+        at, pid_now = time.perf_counter(), last_pid()
         if cpu_ticks(self.front) is None:
             raise RuntimeError(f"process {self.front} is gone")
         ticks: dict[int, tuple[int, int]] = {}
@@ -175,7 +188,7 @@ class TreeWatch:
         for root in self.backend_roots:
             for pid in (root, *descendants(root)):
                 add(pid, False, False)
-        return Snapshot(at, ticks, last_pid())
+        return Snapshot(at, ticks, pid_now)
 
     def sample_memory(self) -> None:
         tree = self.processes()

@@ -109,7 +109,7 @@ def describe(model: dict) -> list[str]:
     t = model["terms_ms"]
 
     def ms(v):
-        return "?" if v is None else f"{v:.2f} ms"
+        return f"{_num(v)} ms"
 
     out = []
     if t.get("http") is not None:
@@ -123,14 +123,20 @@ def describe(model: dict) -> list[str]:
             start = f"spawn + {ms(t['python_start'])} to start Python"
         else:
             start = f"{ms(t.get('spawn_and_python_start'))} to spawn and start Python"
-        k = t.get("k_cgi")
-        out.append(f"CGI, Python:     + {start} + {'?' if k is None else f'{k:.2f}'} x app start-up, "
-                   "on every request")
+        out.append(f"CGI, Python:     + {start} + {_num(t.get('k_cgi'))} x app start-up, on every request")
     if "k_fcgi" in t:
-        k = t.get("k_fcgi")
         out.append(f"FastCGI, WSGI:   + {ms(t.get('ipc'))} to pass the request to a worker and back (IPC) + "
-                   f"{'?' if k is None else f'{k:.2f}'} x app start-up (paid once per worker, not per request)")
+                   f"{_num(t.get('k_fcgi'))} x app start-up "
+                   "(paid once per worker, not per request)")
     return out
+
+
+def _num(v: float | None) -> str:
+    """Two decimals, "?" for unknown, and never "-0.00"."""
+    if v is None:
+        return "?"
+    text = f"{v:.2f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def _round(v):

@@ -24,7 +24,7 @@ def _fmt(v, digits=2):
 
 
 COLUMNS = ("form", "c", "req/s", "p50 ms", "p90 ms", "p99 ms", "procs/req",
-           "CPU ms/req front", "CPU ms/req backend", "peak MiB")
+           "CPU ms/req front", "CPU ms/req backend", "peak MiB", "machine CPU ms/req")
 SHORT_COLUMNS = ("form", "c", "req/s", "p50", "p90", "p99 ms", "procs/req", "CPU front", "CPU back ms",
                  "peak MiB")
 
@@ -37,7 +37,8 @@ def table_rows(result: dict, short: bool = False) -> list[list[str]]:
             cpu = cell["cpu_ms_per_request"] or {}
             out.append([row["short"] if short else row["label"], str(cell["concurrency"]), _fmt(cell["rps"], 1), _fmt(lat.get("p50")),
                         _fmt(lat.get("p90")), _fmt(lat.get("p99")), _fmt(cell["processes_per_request"]),
-                        _fmt(cpu.get("front"), 3), _fmt(cpu.get("backend"), 3), _fmt(cell["peak_memory_mib"], 1)])
+                        _fmt(cpu.get("front"), 3), _fmt(cpu.get("backend"), 3), _fmt(cell["peak_memory_mib"], 1),
+                        _fmt(cell.get("machine_cpu_ms_per_request"), 3)])
     return out
 
 
@@ -60,7 +61,7 @@ def model_lines(result: dict) -> list[str]:
 
 def print_summary(result: dict, paths: dict[str, str], file=None) -> None:
     file = file or sys.stdout
-    rows = table_rows(result, short=True)
+    rows = [r[:len(SHORT_COLUMNS)] for r in table_rows(result, short=True)]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -86,6 +87,9 @@ def print_summary(result: dict, paths: dict[str, str], file=None) -> None:
     print(file=file)
     for line in model_lines(result):
         print(line, file=file)
+    for row in result["rows"]:
+        for n in row["notes"]:
+            print(f"{row['short']}: {n}", file=file)
     for s in result["skipped"]:
         print(f"skipped {s['what']}: {s['reason'].splitlines()[0]}", file=file)
     for c in result["checks"]:
@@ -220,7 +224,9 @@ processes (and threads) the kernel created during the run, divided by the reques
 least one per request, persistent workers none. <i>CPU ms/req</i> is processor time per request, split
 into the front (the process that speaks HTTP) and the backend (the CGI processes, or the FastCGI
 workers). <i>peak MiB</i> is the largest total memory (PSS) of all the server's processes seen during
-the run.</p>""")
+the run. <i>machine CPU ms/req</i> is the whole machine's busy time less the load generator's and the
+demo's own, per request: it should be close to front plus backend, and it also sees CPU that no
+parent process collects (fcgiwrap's scripts).</p>""")
     parts.append("<h2>Where the time goes</h2><pre>" + e("\n".join(model_lines(result))) + "</pre>")
     parts.append("""<p>The cost model adds up what a request pays at one client, where nothing waits in a
 queue. A CGI request pays for a new process, an interpreter's start and the application's imports every

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import cgigate
 from cgigate.demo import forms as F
 from cgigate.demo import model
-from cgigate.demo.measure import TreeWatch
+from cgigate.demo.measure import CLK_TCK, TreeWatch, cpu_ticks, machine_busy_ticks
 
 
 @dataclass
@@ -79,14 +79,25 @@ def run_cell(url: str, concurrency: int, settings: Settings, watch: TreeWatch | 
                             pass_fds=(write_end,))
     os.close(write_end)
     before = after = None
+    machine: list[int] = []   # busy ticks less the load generator's and ours, at 's' and 'e'
+
+    def others() -> int:
+        loadgen = sum(cpu_ticks(proc.pid) or (0, 0))   # its own, and wrk's once reaped
+        me = os.times()
+        return machine_busy_ticks() - loadgen - round((me.user + me.system) * CLK_TCK)
+
     try:
         if watch is not None:
             watch.start_sampling()   # its thread exists before the window opens
         with os.fdopen(read_end, "rb", buffering=0) as window:
-            if window.read(1) == b"s" and watch is not None:
-                before = watch.snapshot()
-            if window.read(1) == b"e" and watch is not None:
-                after = watch.snapshot()
+            if window.read(1) == b"s":
+                machine.append(others())
+                if watch is not None:
+                    before = watch.snapshot()
+            if window.read(1) == b"e":
+                machine.append(others())
+                if watch is not None:
+                    after = watch.snapshot()
     finally:
         if watch is not None:
             watch.stop_sampling()
@@ -100,11 +111,13 @@ def run_cell(url: str, concurrency: int, settings: Settings, watch: TreeWatch | 
                                               **({"bad body": res["bad_body"]} if res.get("bad_body") else {})},
         "rps": res["rps"], "latency_ms": res["latency_ms"],
         "processes_per_request": None, "cpu_ms_per_request": None,
-        "peak_memory_mib": None, "peak_processes": None,
+        "peak_memory_mib": None, "peak_processes": None, "machine_cpu_ms_per_request": None,
     }
+    n = res["requests"] + res["failed"]
+    if len(machine) == 2 and n and watch is not None:
+        cell["machine_cpu_ms_per_request"] = round(max(0, machine[1] - machine[0]) / CLK_TCK * 1000 / n, 4)
     if watch is not None and before is not None and after is not None:
         usage = watch.usage(before, after, res.get("tasks_created_in_window", 0))
-        n = res["requests"] + res["failed"]
         if n:
             cell["processes_per_request"] = round(usage.tasks_created / n, 4)
             front = usage.front_cpu_s * 1000 / n

@@ -29,6 +29,9 @@ from cgigate.demo import model
 from cgigate.demo.measure import CLK_TCK, TreeWatch, cpu_ticks, machine_busy_ticks
 
 
+WORKDIR_PREFIX = "cgigate-demo-work-"
+
+
 @dataclass
 class Settings:
     duration: float = 1.5
@@ -208,7 +211,7 @@ def run(settings: Settings, quiet: bool = False) -> dict:
     """Run the demo; returns the whole result (what report.py writes)."""
     from cgigate.demo import peers as P
 
-    workroot = tempfile.mkdtemp(prefix="cgigate-demo-")
+    workroot = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
     work = F.Workdir(workroot)
     runs = plan(settings)
     progress = Progress(sum(len(levels) for _, _, levels in runs), quiet)

@@ -5,13 +5,16 @@ import html
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import requests
 
+from cgigate.demo.measure import descendants
 from cgigate.demo.run import WORKDIR_PREFIX
 from conftest import ROOT
 
@@ -23,18 +26,21 @@ def demo(*args, timeout=240):
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
-def leftovers(marker: str) -> list[str]:
-    """Command lines of live processes that mention `marker`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline and int(pid) != os.getpid():
-            found.append(f"{pid}: {cmdline}")
-    return found
+def cmdline(pid, what: str = "cmdline") -> str:
+    try:
+        with open(f"/proc/{pid}/{what}", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def leftovers(workdir: str) -> list[str]:
+    """Live processes started with a path inside the demo's work directory `workdir`
+    in their command line or their environment (the FastCGI workers have it in
+    PYTHONPATH)."""
+    return [f"{pid}: {cmdline(pid)}" for pid in filter(str.isdigit, os.listdir("/proc"))
+            if int(pid) != os.getpid() and any(workdir + "/" in cmdline(pid, what)
+                                               for what in ("cmdline", "environ"))]
 
 
 def workdirs() -> set[str]:
@@ -126,7 +132,10 @@ def test_chart_html_and_terminal_summary(report):
 
 
 def test_nothing_is_left_behind(report):
-    assert leftovers(WORKDIR_PREFIX) == []
+    workdir = report[1]["workdir_removed"]
+    assert workdir.startswith(os.path.join(tempfile.gettempdir(), WORKDIR_PREFIX))
+    assert not os.path.exists(workdir)
+    assert leftovers(workdir) == []
 
 
 def test_against_adds_the_peers_as_rows(tmp_path):
@@ -150,7 +159,7 @@ def test_against_adds_the_peers_as_rows(tmp_path):
     assert fcgiwrap["processes_created"] >= 0.97 * fcgiwrap["requests"] - 2
     assert any("SIGCHLD" in n for n in rows["nginx-fcgiwrap"]["notes"])
     assert "nginx-fcgiwrap: " in done.stdout   # its notes are shown in the terminal too
-    assert leftovers(WORKDIR_PREFIX) == []
+    assert leftovers(result["workdir_removed"]) == []
 
 
 def test_url_mode_measures_a_running_server(cgi, tmp_path):
@@ -177,3 +186,33 @@ def test_bad_options_are_explained(args, message):
     done = demo(*args, timeout=30)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+@pytest.mark.parametrize("sig,form", [(signal.SIGINT, "wsgi"), (signal.SIGTERM, "py")])
+def test_interrupted_demo_stops_its_servers(tmp_path, sig, form):
+    before = workdirs()
+    proc = subprocess.Popen([sys.executable, "-m", "cgigate", "demo", "--quiet", "--forms", form,
+                             "--duration", "30", "-o", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+                "cgigate.demo.loadgen" in cmdline(pid) for pid in descendants(proc.pid)):
+            time.sleep(0.1)   # until the first point is being measured
+        [workdir] = [os.path.join(tempfile.gettempdir(), d) for d in workdirs() - before]
+        running = leftovers(workdir)
+        assert running, "the demo never started a server"
+        if form == "wsgi":   # the front, the workers' supervisor and its workers
+            assert len([p for p in running if "cgigate" in p]) >= 3, running
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted; the servers it started are stopped" in err
+    deadline = time.monotonic() + 10
+    while leftovers(workdir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(workdir) == []
+    assert workdirs() <= before

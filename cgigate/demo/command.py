@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 
 from cgigate.demo import forms as F
@@ -129,7 +130,16 @@ def run_command(args) -> int:
                         loadgen=args.loadgen, output=args.output, keep_workdir=args.keep_workdir)
     if args.workers:
         settings.workers = args.workers
-    result = run(settings, quiet=args.quiet)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt   # so that every server the demo started is stopped
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        result = run(settings, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print("cgigate demo: interrupted; the servers it started are stopped", file=sys.stderr)
+        return 130
     paths = report.write(result, os.path.abspath(args.output))
     report.print_summary(result, paths)
     return 0 if result["rows"] else 1

@@ -19,7 +19,9 @@ of a "hello" is nil, so it is folded into the intercepts.
 
 A second view uses CPU instead of time: with every core busy, throughput
 cannot exceed cores / (CPU per request), which the demo compares with the
-throughput it measured at its highest concurrency.
+throughput it measured at its highest concurrency.  It takes the machine's
+CPU per request (less the load generator's), which sees every process,
+including scripts whose CPU no parent collects.
 """
 
 from __future__ import annotations
@@ -111,9 +113,10 @@ def describe(model: dict) -> list[str]:
     def ms(v):
         return f"{_num(v)} ms"
 
-    out = []
-    if t.get("http") is not None:
-        out.append(f"every request: {ms(t['http'])} for HTTP through the front (the floor)")
+    if t.get("http") is None:
+        return ["(the model is built on the floor form at the start-up concurrency: "
+                "run with --forms floor,... to see where the time goes)"]
+    out = [f"every request: {ms(t['http'])} for HTTP through the front (the floor)"]
     if t.get("spawn") is not None:
         out.append(f"CGI, C program:  + {ms(t['spawn'])} to create, run and reap a process (spawn)")
     if t.get("sh_start") is not None:

@@ -397,7 +397,11 @@ app = getattr(importlib.import_module(module), name)
 # multiplexed=False: one request per connection at a time (flup's multiplexing wedges
 # under load).  cgigate's front sets FCGI_KEEP_CONN on every request, so each connection,
 # and the pool thread serving it, is reused.  debug=False: no tracebacks to clients.
-WSGIServer(app, bindAddress={sock!r}, multiplexed=False, debug=False).run()
+# maxSpare=32: flup's thread pool starts that many threads.  With its default (5) it
+# adds threads only as jobs arrive and, when two connections arrive together, queues
+# one behind a thread that keeps its connection open for ever: a wedge seen here at
+# concurrency 16.  cgigate's front opens at most 16 connections to one responder.
+WSGIServer(app, bindAddress={sock!r}, multiplexed=False, debug=False, minSpare=1, maxSpare=32).run()
 """
 
 

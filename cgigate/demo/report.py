@@ -51,8 +51,8 @@ def model_lines(result: dict) -> list[str]:
         for c in m["latency_check"]:
             lines.append(f"    {c['label']:<48} measured {c['measured_ms']:8.2f} ms   model {c['model_ms']:8.2f} ms")
     if m["cpu_bound"]:
-        lines.append(f"  CPU bound: {result['machine']['usable_cpus']} cores / CPU per request, against what "
-                     "was measured at the highest concurrency (the load generator's own CPU is not in it):")
+        lines.append(f"  CPU bound: {result['machine']['usable_cpus']} cores / the machine's CPU per request "
+                     "(less the load generator's), against what was measured at the highest concurrency:")
         for b in m["cpu_bound"]:
             lines.append(f"    {b['label']:<48} {_fmt(b['cpu_ms_per_request'], 3):>7} ms CPU -> at most "
                          f"{_fmt(b['cpu_bound_rps'], 0):>7} req/s; measured {_fmt(b['measured_rps'], 0)}")

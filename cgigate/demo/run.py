@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import cgigate
 from cgigate.demo import forms as F
 from cgigate.demo import model
-from cgigate.demo.measure import CLK_TCK, TreeWatch, cpu_ticks, machine_busy_ticks
+from cgigate.demo.measure import CLK_TCK, TreeWatch, cpu_ticks, last_pid, machine_busy_ticks
 
 
 WORKDIR_PREFIX = "cgigate-demo-work-"
@@ -74,7 +74,7 @@ def run_cell(url: str, concurrency: int, settings: Settings, watch: TreeWatch | 
     """One load generator run at `concurrency`, with the servers' counters around its window."""
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "cgigate.demo.loadgen", url, "-c", str(concurrency),
-            "-d", f"{settings.duration:g}", "--warmup", f"{settings.warmup:g}", "--timeout", "60",
+            "-d", f"{settings.duration:g}", "--warmup", f"{settings.warmup:g}", "--timeout", "30",
             "--json", "--window-fd", str(write_end), "--expect", expect or ""]
     if settings.loadgen == "wrk":
         argv.append("--wrk")
@@ -207,10 +207,21 @@ def plan(settings: Settings) -> list[tuple[str, int, tuple[int, ...]]]:
     return runs
 
 
+def idle_probe(seconds: float = 0.5) -> dict:
+    """What the rest of the machine does while the demo does nothing: the busy CPU
+    (in cores) and the processes it creates a second.  Both count in every figure."""
+    ticks, pids, t0 = machine_busy_ticks(), last_pid(), time.perf_counter()
+    time.sleep(seconds)
+    elapsed = time.perf_counter() - t0
+    return {"busy_cores": round((machine_busy_ticks() - ticks) / CLK_TCK / elapsed, 3),
+            "processes_per_s": round(max(0, last_pid() - pids) / elapsed, 1)}
+
+
 def run(settings: Settings, quiet: bool = False) -> dict:
     """Run the demo; returns the whole result (what report.py writes)."""
     from cgigate.demo import peers as P
 
+    idle = idle_probe()
     workroot = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
     work = F.Workdir(workroot)
     runs = plan(settings)
@@ -295,9 +306,11 @@ def run(settings: Settings, quiet: bool = False) -> dict:
         "cgigate_version": cgigate.__version__,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
         "elapsed_s": round(time.time() - started, 1),
+        "workdir": workroot if settings.keep_workdir else None,
+        "workdir_removed": None if settings.keep_workdir else workroot,
         "machine": {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
                     "kernel": platform.release(), "python": platform.python_version(),
-                    "load_average_at_start": os.getloadavg()[0]},
+                    "idle_before_start": idle},
         "settings": {"duration_s": settings.duration, "warmup_s": settings.warmup,
                      "concurrency": list(settings.concurrency), "forms": list(settings.forms),
                      "startup_ms": list(settings.startup_ms),
@@ -357,13 +370,12 @@ def fit_model(result: dict) -> dict:
     top = max(result["settings"]["concurrency"])
     for r in result["rows"]:
         cell = next((c for c in r["cells"] if c["concurrency"] == top), None)
-        if cell is None or not cell.get("cpu_ms_per_request"):
+        cpu = cell and (cell.get("machine_cpu_ms_per_request") or (cell["cpu_ms_per_request"] or {}).get("total"))
+        if not cpu:
             continue
-        # the load generator shares the cores; its CPU is not in the server's figure
-        bound = model.cpu_bound(cores, cell["cpu_ms_per_request"]["total"])
-        bounds.append({"label": r["label"], "concurrency": top, "cpu_ms_per_request":
-                       cell["cpu_ms_per_request"]["total"], "cpu_bound_rps": round(bound, 1) if bound else None,
-                       "measured_rps": cell["rps"]})
+        bound = model.cpu_bound(cores, cpu)
+        bounds.append({"label": r["label"], "concurrency": top, "cpu_ms_per_request": cpu,
+                       "cpu_bound_rps": round(bound, 1) if bound else None, "measured_rps": cell["rps"]})
     fitted["cpu_bound"] = bounds
     fitted["lines_text"] = model.describe(fitted)
     return fitted
@@ -377,11 +389,20 @@ def checks(result: dict) -> list[str]:
             if cell["failed"]:
                 out.append(f"{r['label']} at c={cell['concurrency']}: {cell['failed']} failed requests "
                            f"{cell['failures']}")
-            if cell["requests"] < 20:
-                out.append(f"{r['label']} at c={cell['concurrency']}: only {cell['requests']} requests "
-                           "were counted; use a longer --duration for steadier figures")
-    load = result["machine"]["load_average_at_start"]
-    if load > 0.5 * result["machine"]["usable_cpus"]:
-        out.append(f"the machine was busy when the demo started (load average {load:.2f}); "
-                   "other work shares the cores and lowers every figure")
+            c, n = cell["concurrency"], cell["requests"] + cell["failed"]
+            if n < 20:
+                out.append(f"{r['label']} at c={c}: only {n} requests were counted; "
+                           "use a longer --duration for steadier figures")
+            elif r["spawns"] and c > 0.1 * n:
+                # processes of requests in flight at either edge of the window
+                out.append(f"{r['label']} at c={c}: {n} requests were counted with {c} in flight at "
+                           f"each edge of the window, so procs/req may be off by up to {c / n:.2f}; "
+                           "use a longer --duration for a closer count")
+    idle = result["machine"]["idle_before_start"]
+    if idle["busy_cores"] > 0.2:
+        out.append(f"before the demo started, other programs kept {idle['busy_cores']:.2f} cores busy; "
+                   "they share the cores with every form and lower its figures")
+    if idle["processes_per_s"] > 5:
+        out.append(f"before the demo started, other programs created {idle['processes_per_s']:.0f} processes "
+                   "a second; those count in procs/req too")
     return out

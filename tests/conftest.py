@@ -8,6 +8,7 @@ no zombie children behind.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -36,6 +37,15 @@ def require_program(name: str) -> str:
             pytest.fail(f"CGIGATE_REQUIRE_PEERS is set but {missing}")
         pytest.skip(missing)
     return path
+
+
+def require_module(name: str, package: str) -> None:
+    """Skips (locally) or fails (CI sets CGIGATE_REQUIRE_PEERS) when `name` cannot be imported."""
+    if importlib.util.find_spec(name) is None:
+        missing = f"the {name} module is not installed (pip install {package})"
+        if IN_CI:
+            pytest.fail(f"CGIGATE_REQUIRE_PEERS is set but {missing}")
+        pytest.skip(missing)
 
 
 def process_gone(pid: int) -> bool:

@@ -81,12 +81,11 @@ def test_cgi_forms_spawn_a_process_per_request(report):
     _, result, _ = report
     for form in ("c", "sh", "py"):
         for c, cell in cells(result, form).items():
-            counted = cell["requests"] + cell["failed"]
-            # one each; only the up to `c` requests that straddle the window's opening
-            # started their process before it (and the demo reads the counter when it
-            # wakes on the window's signal, a little after the load generator's clock)
-            assert cell["processes_created"] >= 0.97 * counted - c, (form, c, cell)
-            assert cell["processes_per_request"] > 0.9
+            # one each, for every request the load generator sent (warm-up included),
+            # all of which were answered before it exited
+            assert cell["requests_sent"] >= cell["requests"]
+            assert cell["processes_created"] >= cell["requests_sent"], (form, c, cell)
+            assert cell["processes_per_request"] >= 1
             assert cell["cpu_ms_per_request"]["backend"] > 0
 
 
@@ -156,7 +155,7 @@ def test_against_adds_the_peers_as_rows(tmp_path):
         assert cell["requests"] > 0 and cell["failed"] == 0, (name, cell)
     # fcgiwrap forks a script per request, like cgigate's sh form
     fcgiwrap = rows["nginx-fcgiwrap"]["cells"][0]
-    assert fcgiwrap["processes_created"] >= 0.97 * fcgiwrap["requests"] - 2
+    assert fcgiwrap["processes_created"] >= fcgiwrap["requests_sent"]
     assert any("SIGCHLD" in n for n in rows["nginx-fcgiwrap"]["notes"])
     assert "nginx-fcgiwrap: " in done.stdout   # its notes are shown in the terminal too
     assert leftovers(result["workdir_removed"]) == []

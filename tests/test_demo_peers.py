@@ -10,14 +10,13 @@ require_program.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import time
 
 import pytest
 import requests
 
-from conftest import IN_CI, require_program, wait_gone
+from conftest import require_module, require_program, wait_gone
 from nginx import require_nginx
 
 from cgigate.demo import peers
@@ -30,23 +29,14 @@ MAX_REQUESTS = 1000  # CPU counters tick every 10 ms: more batches until they mo
 QUIET_WAIT = 15.0    # seconds to wait for a window with no outside process creation
 
 
-def require_module(name: str, install: str) -> None:
-    """Skips (locally) or fails (CGIGATE_REQUIRE_PEERS) when `name` cannot be imported."""
-    if importlib.util.find_spec(name) is None:
-        missing = f"{name} is not installed ({install})"
-        if IN_CI:
-            pytest.fail(f"CGIGATE_REQUIRE_PEERS is set but {missing}")
-        pytest.skip(missing)
-
-
 def require_peer(name: str) -> None:
     if name == "nginx-fcgiwrap":
         require_nginx()
         require_program("fcgiwrap")
     elif name == "flup":
-        require_module("flup", "pip install flup==1.0.3")
+        require_module("flup", "flup==1.0.3")
     elif name == "gunicorn":
-        require_module("gunicorn", "pip install gunicorn")
+        require_module("gunicorn", "gunicorn")
     assert PEERS[name].missing() is None
 
 

@@ -39,10 +39,26 @@ class FixedDelayServer:
         asyncio.set_event_loop(self.loop)
         self.server = self.loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", 0))
         self.port = self.server.sockets[0].getsockname()[1]
+        self.clients = set()
         ready.set()
         self.loop.run_forever()
+        # stopped: close the server and every client before the loop goes
+        self.server.close()
+        for task in self.clients:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*self.clients, return_exceptions=True))
+        self.loop.run_until_complete(self.server.wait_closed())
+        self.loop.close()
 
     async def _client(self, reader, writer):
+        task = asyncio.current_task()
+        self.clients.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.clients.discard(task)
+
+    async def _serve(self, reader, writer):
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -101,6 +117,11 @@ def test_builtin_client_reports_the_known_delay(fixed, concurrency):
     check_against_delay(res, concurrency, 1.5)
     assert res["latency_ms"]["min"] >= DELAY * 1000
     assert res["tasks_created_in_window"] == 0
+    # sent inside the window, whether or not they also completed inside it
+    assert abs(res["sent_in_window"] - res["requests"]) <= concurrency
+    # and sent at all: the warm-up's, the window's and the late ones, each answered once
+    assert res["sent_total"] == res["requests"] + res["warmup_requests"] + res["late_requests"]
+    assert fixed.served >= res["sent_total"]
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
@@ -110,6 +131,8 @@ def test_wrk_reports_the_known_delay(fixed, concurrency):
     check_against_delay(res, concurrency, res["duration_s"])
     assert res["mode"] == "wrk"
     assert res["tasks_created_in_window"] == 1 + res["wrk_threads"]
+    assert res["tasks_created"] == 1 + res["wrk_threads"]   # no warm-up run
+    assert res["sent_total"] == res["requests"]
 
 
 def test_builtin_client_counts_failures_and_wrong_bodies(fixed):

@@ -13,7 +13,6 @@ glue between the two, not the front.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -36,20 +35,11 @@ from cgigate.front.paths import decode_segments
 from cgigate.front.request import Request, RequestBody
 from cgigate.upstream import FastCGIHandler, Pool
 from cgigate.upstream.pool import HIGH_WATER, READ_SIZE
-from conftest import IN_CI, ROOT
+from conftest import ROOT, require_module
 
 PEERS = os.path.join(ROOT, "tests", "peers")
 PREFIX = "/app/"
 CONFIG = configuration.load()
-
-
-def require_module(name: str, package: str) -> None:
-    """Skips (locally) or fails (CI sets CGIGATE_REQUIRE_PEERS) when `name` cannot be imported."""
-    if importlib.util.find_spec(name) is None:
-        missing = f"the {name} module is not installed (pip install {package})"
-        if IN_CI:
-            pytest.fail(f"CGIGATE_REQUIRE_PEERS is set but {missing}")
-        pytest.skip(missing)
 
 
 def run(coroutine, loop: str = "asyncio"):

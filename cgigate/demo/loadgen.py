@@ -337,6 +337,8 @@ class _Recorder:
         self.warmup_requests = 0
         self.late_requests = 0
         self.connects = 0
+        self.sent = 0        # requests sent inside the window (however they ended)
+        self.sent_total = 0  # requests sent at all, warm-up included
         self.lock = threading.Lock()  # only used by the threaded spawn mode
 
     def in_window(self, t_end: float) -> bool:
@@ -370,6 +372,8 @@ class _Recorder:
             errors=dict(self.errors),
             bad_body=self.bad_body,
             failed=sum(self.non200.values()) + sum(self.errors.values()) + self.bad_body,
+            sent_in_window=self.sent,
+            sent_total=self.sent_total,
             warmup_requests=self.warmup_requests,
             late_requests=self.late_requests,
         )
@@ -483,6 +487,10 @@ async def _http_main(host, port, path, concurrency, duration, warmup, timeout, e
             retried, retry_t0 = retry_t0 is not None, None
             if t0 >= stop_at and not retried:
                 break
+            if not retried:
+                rec.sent_total += 1
+                if t0 >= rec.win_start:
+                    rec.sent += 1
             try:
                 if proto is None or proto.closed:
                     if proto is not None:
@@ -584,7 +592,7 @@ def run_http(url: str, concurrency: int, duration: float, warmup: float = 0.5,
     finally:
         loop.close()
     res.update(mode="http", url=url, concurrency=concurrency, warmup_s=warmup, event_loop=loop_name,
-               tasks_created_in_window=0)
+               tasks_created_in_window=0, tasks_created=0)
     return res
 
 
@@ -639,9 +647,16 @@ def run_wrk(url: str, concurrency: int, duration: float, warmup: float = 0.5,
     seconds = max(1, math.ceil(duration))
     base = [wrk, "-t", str(threads), "-c", str(concurrency), "--latency",
             "--timeout", f"{max(1, math.ceil(timeout))}s"]
+    warm_sent = runs = 0
     if warmup > 0:
-        subprocess.run(base + ["-d", f"{max(1, math.ceil(warmup))}s", url],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        warm = subprocess.run(base + ["-d", f"{max(1, math.ceil(warmup))}s", url],
+                              capture_output=True, text=True, check=False)
+        runs += 1
+        try:
+            w = parse_wrk(warm.stdout)
+            warm_sent = w["requests"] + w["failed"]
+        except ProtocolError:
+            pass
     if window_fd is not None:
         os.write(window_fd, b"s")
     done = subprocess.run(base + ["-d", f"{seconds}s", url], capture_output=True, text=True)
@@ -652,7 +667,9 @@ def run_wrk(url: str, concurrency: int, duration: float, warmup: float = 0.5,
     res = parse_wrk(done.stdout)
     res.update(mode="wrk", url=url, concurrency=concurrency, warmup_s=warmup, wrk_threads=threads,
                # the process wrk is and its threads are created inside the window too
-               tasks_created_in_window=1 + threads)
+               tasks_created_in_window=1 + threads, tasks_created=(1 + threads) * (runs + 1),
+               # (wrk reports completed requests; up to `concurrency` more were in flight)
+               sent_total=warm_sent + res["requests"] + res["failed"])
     return res
 
 

@@ -11,8 +11,10 @@ counted window opens and closes:
   live descendant (the persistent workers).
 * processes created, from the kernel's last allocated PID (the last field
   of /proc/loadavg).  PIDs are handed out in order, so the difference is
-  how many processes and threads were created in the window, by anyone in
-  this PID namespace.  The load generator's own (wrk's threads) are taken
+  how many processes and threads were created, by anyone in this PID
+  namespace.  run.py reads it around the load generator's whole life (every
+  request it sent was answered before it exited); `usage()` gives the same
+  count for the window.  The load generator's own (wrk's threads) are taken
   off; anything else started on the machine meanwhile counts too, which is
   why a figure near zero is read as zero.
 * the machine's busy CPU (/proc/stat), less the load generator's and the

@@ -138,7 +138,7 @@ def chart_png(result: dict) -> bytes | None:
         ax.set_xticks(levels, [str(c) for c in levels])
     ax_rps.set_ylabel("throughput (requests per second, log scale)")
     ax_rps.set_title("Throughput")
-    ax_rps.legend(fontsize=8)
+    handles, labels = ax_rps.get_legend_handles_labels()
     ax_lat.set_ylabel("latency (milliseconds, log scale)")
     ax_lat.set_title("Latency: p50 solid, p99 dashed")
     c1 = result["settings"]["startup_concurrency"]
@@ -165,7 +165,11 @@ def chart_png(result: dict) -> bytes | None:
         ax_start.legend(fontsize=8)
     fig.suptitle(f"cgigate demo, {result['started']}: {result['machine']['usable_cpus']} CPUs, "
                  f"{result['settings']['duration_s']:g} s per point, load generator {result['settings']['loadgen']}")
-    fig.tight_layout()
+    # the forms' legend under the two sweeps, where it hides no line
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5) or 1, fontsize=9,
+               bbox_to_anchor=(0.35, 0.0))
+    rows_of_legend = (len(labels) + 4) // 5
+    fig.tight_layout(rect=(0, 0.05 * rows_of_legend + 0.02, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

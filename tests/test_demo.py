@@ -16,7 +16,7 @@ import requests
 
 from cgigate.demo.measure import descendants
 from cgigate.demo.run import WORKDIR_PREFIX
-from conftest import ROOT
+from conftest import ROOT, require_program
 
 FORMS = ("floor", "c", "sh", "py", "wsgi")
 
@@ -161,6 +161,21 @@ def test_against_adds_the_peers_as_rows(tmp_path):
     assert leftovers(result["workdir_removed"]) == []
 
 
+def test_wrk_drives_the_demo_too(tmp_path):
+    require_program("wrk")
+    done = demo("--forms", "sh,wsgi", "--loadgen", "wrk", "--concurrency", "2", "--startup", "0",
+                "--duration", "1", "--warmup", "0", "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert result["settings"]["loadgen"] == "wrk"
+    sh, wsgi = (cells(result, form)[2] for form in ("sh", "wsgi"))
+    for cell in (sh, wsgi):
+        assert cell["loadgen"] == "wrk" and cell["requests"] > 0 and cell["failed"] == 0
+    # wrk's own process and threads are not counted; each script is
+    assert sh["processes_created"] >= sh["requests_sent"]
+    assert wsgi["processes_per_request"] < 0.05
+
+
 def test_url_mode_measures_a_running_server(cgi, tmp_path):
     done = demo("--url", cgi.url + "/cgi-bin/hello.sh", "--concurrency", "2", "--duration", "0.4",
                 "--warmup", "0.1", "-o", str(tmp_path))
@@ -179,6 +194,8 @@ def test_url_mode_measures_a_running_server(cgi, tmp_path):
     (["--url", "ftp://example.org/"], "--url wants an http:// URL"),
     (["--concurrency", "0"], "concurrency must be at least 1"),
     (["--duration", "0"], "want more than 0 seconds"),
+    (["--warmup", "-1"], "want at least 0 seconds"),
+    (["--workers", "0"], "want a whole number of at least 1"),
     (["--forms", "none"], "nothing to measure"),
 ])
 def test_bad_options_are_explained(args, message):

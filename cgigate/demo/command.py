@@ -55,13 +55,26 @@ def _names(known, what: str):
     return parse
 
 
-def _positive(text: str) -> float:
+def _seconds(minimum: float, inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"want a number of seconds, got {text!r}") from None
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"want {'at least' if inclusive else 'more than'} {minimum:g} seconds, got {text!r}")
+        return value
+    return parse
+
+
+def _at_least_one(text: str) -> int:
     try:
-        value = float(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"want a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"want more than 0 seconds, got {text!r}")
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"want a whole number of at least 1, got {text!r}")
     return value
 
 
@@ -69,9 +82,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="measure CGI against FastCGI on this machine",
                                description=DESCRIPTION, epilog=EPILOG,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--duration", type=_positive, default=1.5, metavar="SECONDS",
+    demo.add_argument("--duration", type=_seconds(0, inclusive=False), default=1.5, metavar="SECONDS",
                       help="measured seconds per point; default: 1.5")
-    demo.add_argument("--warmup", type=float, default=0.3, metavar="SECONDS",
+    demo.add_argument("--warmup", type=_seconds(0, inclusive=True), default=0.3, metavar="SECONDS",
                       help="seconds of load before each point is measured; default: 0.3")
     demo.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), metavar="N,N,...",
                       help="concurrent clients to sweep; default: 1,4,16,64")
@@ -80,7 +93,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                            "(none when --url is given)")
     demo.add_argument("--startup", type=_int_list, default=(0, 10, 50), metavar="MS,MS,...",
                       help="app start-up costs (ms of imports) for the Python forms; default: 0,10,50")
-    demo.add_argument("--startup-concurrency", type=int, default=1, metavar="N",
+    demo.add_argument("--startup-concurrency", type=_at_least_one, default=1, metavar="N",
                       help="concurrency of the start-up sweep and the cost model; default: 1")
     demo.add_argument("--against", type=_names(None, "peer"), default=(), metavar="PEER,...",
                       help="add peers installed here as rows: nginx-fcgiwrap, flup, gunicorn")
@@ -90,7 +103,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
                       help="builtin: cgigate's own asyncio client (checks every body, per-request "
                            "latencies); wrk: wrk when installed (whole seconds, and its percentiles "
                            "carry its coordinated-omission correction); default: builtin")
-    demo.add_argument("--workers", type=int, default=None, metavar="N",
+    demo.add_argument("--workers", type=_at_least_one, default=None, metavar="N",
                       help="FastCGI worker processes; default: the number of CPUs (at most 4)")
     demo.add_argument("-o", "--output", default="demo-report", metavar="DIR",
                       help="folder for report.html, chart.png and report.json; default: ./demo-report/")
@@ -117,7 +130,7 @@ def run_command(args) -> int:
     if args.loadgen == "wrk" and not shutil.which("wrk"):
         print("cgigate demo: --loadgen wrk, but wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
-    if 0 in args.concurrency or args.startup_concurrency < 1:
+    if 0 in args.concurrency:
         print("cgigate demo: concurrency must be at least 1", file=sys.stderr)
         return 2
     forms = args.forms if args.forms is not None else (() if args.url else F.DEFAULT_FORMS)

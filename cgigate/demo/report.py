@@ -202,8 +202,9 @@ def report_html(result: dict, png: bytes | None) -> str:
              f"{e(result['machine']['kernel'])}, Python {e(result['machine']['python'])}. "
              f"Each point is {result['settings']['duration_s']:g} s of load after "
              f"{result['settings']['warmup_s']:g} s of warm-up, from the load generator "
-             f"<code>{e(result['settings']['loadgen'])}</code>; every request was checked to answer "
-             "<code>Hello, world!</code>.</p>"]
+             f"<code>{e(result['settings']['loadgen'])}</code>"
+             + ("; every answer was checked to say <code>Hello, world!</code>.</p>"
+                if result["settings"]["loadgen"] == "builtin" else " (wrk checks status codes, not bodies).</p>")]
     if png:
         parts.append(f"<img alt='Throughput and latency by form and concurrency' "
                      f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")

@@ -232,3 +232,15 @@ def test_interrupted_demo_stops_its_servers(tmp_path, sig, form):
         time.sleep(0.1)
     assert leftovers(workdir) == []
     assert workdirs() <= before
+
+
+def test_plan_starts_each_server_once():
+    # The start-up sweep's 0 ms point joins the concurrency sweep's server, even when
+    # its concurrency is not among the sweep's (two daemons of one name once shared a
+    # log, and the second was asked for the first one's port).
+    from cgigate.demo.run import Settings, plan
+    runs = plan(Settings(concurrency=(2, 8), forms=("floor", "py", "wsgi"), startup_ms=(0, 10),
+                         startup_concurrency=1))
+    assert runs == [("floor", 0, (2, 8)), ("py", 0, (1, 2, 8)), ("wsgi", 0, (1, 2, 8)),
+                    ("py", 10, (1,)), ("wsgi", 10, (1,))]
+    assert len({(what, ms) for what, ms, _ in runs}) == len(runs)

@@ -149,9 +149,15 @@ class Workdir:
             raise RuntimeError(f"{cc} could not compile {source}: {done.stderr.strip()[:500]}")
         return "hello-c"
 
+    def error_log(self, name: str) -> str:
+        return os.path.join(self.logs, f"{name}.error.log")
+
     def config(self, name: str, route: str) -> str:
-        """A config serving one route under /demo/, on a free loopback port."""
-        error_log = os.path.join(self.logs, f"{name}.error.log")
+        """A config serving one route under /demo/, on a free loopback port.  Each
+        `name` once: its error log is where the daemon's port is read from."""
+        error_log = self.error_log(name)
+        if os.path.exists(error_log):
+            raise ValueError(f"a demo daemon named {name} was started already")
         text = f"""# cgigate demo: {name}
 [server]
 bind = ["127.0.0.1:0"]

@@ -422,7 +422,7 @@ def _start_flup(peer: Peer, work: Workdir, workers: int) -> PeerRun:
     run._stops.append(lambda: flup.stop(signal.SIGKILL, timeout=5, group=True))
 
     config = work.config("flup", f'fastcgi = "unix:{sock}"')
-    error_log = os.path.join(work.logs, "flup.error.log")
+    error_log = work.error_log("flup")
     run.logs.append(error_log)
     try:
         front = DemoDaemon(config, error_log, "")

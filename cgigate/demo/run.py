@@ -207,8 +207,12 @@ def _row(system: str, name: str, label: str, short: str, explanation: str, start
 def plan(settings: Settings) -> list[tuple[str, int, tuple[int, ...]]]:
     """(what, app start-up ms, concurrency levels) for every server the demo starts."""
     runs = []
+    c1 = settings.startup_concurrency
     for name in settings.forms:
-        runs.append((name, 0, settings.concurrency))
+        levels = settings.concurrency
+        if name in ("py", "wsgi") and 0 in settings.startup_ms and c1 not in levels:
+            levels = tuple(sorted({*levels, c1}))   # the start-up sweep's point at 0 ms
+        runs.append((name, 0, levels))
     for name in settings.against:
         runs.append(("peer:" + name, 0, settings.concurrency))
     if settings.url:
@@ -217,9 +221,8 @@ def plan(settings: Settings) -> list[tuple[str, int, tuple[int, ...]]]:
         if name not in settings.forms:
             continue
         for ms in settings.startup_ms:
-            if ms == 0 and settings.startup_concurrency in settings.concurrency:
-                continue   # measured already in the concurrency sweep
-            runs.append((name, ms, (settings.startup_concurrency,)))
+            if ms:   # 0 ms is measured with the concurrency sweep
+                runs.append((name, ms, (c1,)))
     return runs
 
 
@@ -294,7 +297,7 @@ def run(settings: Settings, quiet: bool = False) -> dict:
                 continue
             name = f"{form.name}-{startup_ms}ms"
             try:
-                daemon = F.DemoDaemon(work.config(name, route), os.path.join(work.logs, f"{name}.error.log"),
+                daemon = F.DemoDaemon(work.config(name, route), work.error_log(name),
                                       work.apps)
             except RuntimeError as e:
                 skipped.append({"what": label, "reason": str(e)})

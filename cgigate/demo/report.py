@@ -35,8 +35,8 @@ def table_rows(result: dict, short: bool = False) -> list[list[str]]:
         for cell in row["cells"]:
             lat = cell["latency_ms"]
             cpu = cell["cpu_ms_per_request"] or {}
-            out.append([row["short"] if short else row["label"], str(cell["concurrency"]), _fmt(cell["rps"], 1), _fmt(lat.get("p50")),
-                        _fmt(lat.get("p90")), _fmt(lat.get("p99")), _fmt(cell["processes_per_request"]),
+            out.append([row["short"] if short else row["label"], str(cell["concurrency"]), _fmt(cell["rps"], 1),
+                        _fmt(lat.get("p50")), _fmt(lat.get("p90")), _fmt(lat.get("p99")), _fmt(cell["processes_per_request"]),
                         _fmt(cpu.get("front"), 3), _fmt(cpu.get("backend"), 3), _fmt(cell["peak_memory_mib"], 1),
                         _fmt(cell.get("machine_cpu_ms_per_request"), 3)])
     return out

@@ -131,6 +131,7 @@ def describe(model: dict) -> list[str]:
         out.append(f"FastCGI, WSGI:   + {ms(t.get('ipc'))} to pass the request to a worker and back (IPC) + "
                    f"{_num(t.get('k_fcgi'))} x app start-up "
                    "(paid once per worker, not per request)")
+    out.append("+ work: a hello does none; an app's own work adds the same to every form")
     return out
 
 

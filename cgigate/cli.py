@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     fcgi.add_argument("-c", "--config", metavar="FILE", help="TOML config file; its [fcgi] and [cgi] sections")
     _add_setting_flags(fcgi, lambda s: s.section in ("fcgi", "cgi") or s.name in ("server.error_log",
                                                                                    "server.log_level"))
+    fcgi.add_argument("--scoreboard", metavar="FILE",
+                      help="keep the app pool's scoreboard in FILE, for a status page in another process "
+                           "(cgigate serve passes this to the pools it starts)")
 
     check = commands.add_parser("check-config", help="validate a config file and show what it serves")
     check.add_argument("-c", "--config", metavar="FILE", required=True, help="TOML config file")
@@ -101,9 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ARGS = None   # the command line, for reload_config()
+
+
 def load_config(args) -> configuration.Config:
     overrides = {s.name: getattr(args, s.name) for s in configuration.SETTINGS
                  if s.flag is not None and hasattr(args, s.name)}
+    if "fcgi.app" in overrides and "fcgi.cgi_dir" not in overrides:
+        overrides["fcgi.cgi_dir"] = ""     # --app on the command line chooses the app mode
     routes = []
     if getattr(args, "cgi_dir", None):
         routes.append({"prefix": args.cgi_prefix, "cgi_dir": args.cgi_dir})
@@ -115,6 +123,11 @@ def load_config(args) -> configuration.Config:
     return configuration.load(args.config, overrides, routes)
 
 
+def reload_config() -> configuration.Config:
+    """The config file again, with the same command line (SIGHUP)."""
+    return load_config(_ARGS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -124,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from cgigate.demo.command import run_command
         return run_command(args)
+    global _ARGS
+    _ARGS = args
     try:
         config = load_config(args)
     except configuration.ConfigError as e:
@@ -135,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "fcgi":
         from cgigate.worker.main import run
-        return run(config)
+        return run(config, args.scoreboard)
     if not config.routes:
         print("cgigate: nothing to serve: give --cgi-dir DIR, --app MODULE:CALLABLE, --fastcgi ADDR, "
               "or -c FILE with a [[route]]",

@@ -65,6 +65,20 @@ def to_seconds(value: Any) -> float:
     return seconds
 
 
+def to_seconds_or_off(value: Any) -> float:
+    """Seconds, or 0 for "off"."""
+    if value in (0, "0", "off"):
+        return 0.0
+    return to_seconds(value)
+
+
+def to_pm(value: Any) -> str:
+    text = to_str(value)
+    if text not in ("static", "dynamic", "ondemand"):
+        raise ValueError(f"want static, dynamic or ondemand, got {text!r}")
+    return text
+
+
 def to_count(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -327,11 +341,40 @@ SETTINGS: tuple[Setting, ...] = (
       "with an X-Accel-Redirect header next to the Location, so that nginx serves /path itself as "
       "a GET, as the RFC asks of the server."),
     S("fcgi", "workers", to_positive_count, 2,
-      "Worker processes, pre-forked, sharing the listening socket; one that dies is replaced.",
-      flag="--workers", metavar="N"),
+      "Worker processes sharing the listening socket: how many (pm static), or the most (dynamic, "
+      "ondemand).  One that dies is replaced.", flag="--workers", metavar="N"),
     S("fcgi", "threads", to_positive_count, 1,
       "Application threads per worker.  More than 1 lets a connection multiplex (FCGI_MPXS_CONNS=1) "
       "that many requests.", flag="--threads", metavar="T"),
+    S("fcgi", "pm", to_pm, "static",
+      "App pool mode, as php-fpm's: static (`workers` always), dynamic (between min_spare and max_spare "
+      "idle workers, at most `workers`), ondemand (started when a request waits, stopped after "
+      "idle_worker_timeout).", flag="--pm", metavar="MODE"),
+    S("fcgi", "min_spare", to_positive_count, 1,
+      "pm dynamic: start workers while fewer than this are idle.", flag="--min-spare", metavar="N"),
+    S("fcgi", "max_spare", to_positive_count, 2,
+      "pm dynamic: stop an idle worker a second while more than this are idle.",
+      flag="--max-spare", metavar="N"),
+    S("fcgi", "start_workers", to_count, 0,
+      "pm dynamic: workers at start (0: halfway between min_spare and max_spare)."),
+    S("fcgi", "idle_worker_timeout", to_seconds, 10.0,
+      "pm ondemand: a worker idle this many seconds stops.", flag="--idle-worker-timeout", metavar="SECONDS"),
+    S("fcgi", "max_requests", to_count, 0,
+      "A worker that has served this many requests finishes and is replaced (0: never).  Guards "
+      "against leaks.", flag="--max-requests", metavar="N"),
+    S("fcgi", "max_requests_jitter", to_count, 0,
+      "Up to this many more, at random per worker, so that workers do not all restart together.",
+      flag="--max-requests-jitter", metavar="N"),
+    S("fcgi", "max_rss", to_size, 0,
+      "A worker whose resident memory grows past this (bytes, or \"512M\") finishes its requests and "
+      "is replaced (0: no ceiling).", flag="--max-rss", metavar="SIZE"),
+    S("fcgi", "request_timeout", to_seconds_or_off, 0.0,
+      "A request running longer is answered 504, its Python stack logged, and its worker replaced "
+      "(0: off).  Behind cgigate's front, the route timeout answers first.",
+      flag="--request-timeout", metavar="SECONDS"),
+    S("fcgi", "slow_request_timeout", to_seconds_or_off, 0.0,
+      "A request running longer has its Python stack logged, once, and is left to run (0: off).",
+      flag="--slow-request-timeout", metavar="SECONDS"),
     S("fcgi", "unix_socket_mode", to_octal_mode, 0o660,
       "File mode of a unix socket (octal).", flag="--socket-mode", metavar="MODE"),
     S("fcgi", "unix_socket_owner", to_str, "",
@@ -341,7 +384,8 @@ SETTINGS: tuple[Setting, ...] = (
       "Group of a unix socket, so that a web server in that group can connect (default: unchanged).",
       flag="--socket-group", metavar="GROUP"),
     S("fcgi", "max_conns", to_positive_count, 64,
-      "FastCGI connections one worker serves at once (its FCGI_MAX_CONNS).", flag="--max-conns", metavar="N"),
+      "CGI mode: FastCGI connections one worker serves at once (its FCGI_MAX_CONNS).  An app worker "
+      "takes `threads` connections at a time.", flag="--max-conns", metavar="N"),
     S("fcgi", "idle_timeout", to_seconds, 60.0,
       "Seconds a connection may sit idle, or stall inside a record, before it is closed."),
     S("fcgi", "graceful_timeout", to_seconds, 30.0,

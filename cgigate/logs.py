@@ -46,6 +46,20 @@ def setup(access_log: str, error_log: str, level: str) -> None:
     ACCESS.setLevel(logging.INFO)
 
 
+def reopen() -> None:
+    """Open the log files again (SIGUSR1, after logrotate moved them)."""
+    for logger in (ERROR, ACCESS):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.acquire()
+                try:
+                    if handler.stream is not None:
+                        handler.stream.close()
+                    handler.stream = handler._open()
+                finally:
+                    handler.release()
+
+
 class _ClfTime:
     def __init__(self):
         self.second = 0

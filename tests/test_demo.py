@@ -16,7 +16,7 @@ import requests
 
 from cgigate.demo.measure import descendants
 from cgigate.demo.run import WORKDIR_PREFIX
-from conftest import ROOT, require_program
+from conftest import ROOT, require_program, wait_gone
 
 FORMS = ("floor", "c", "sh", "py", "wsgi")
 
@@ -36,11 +36,12 @@ def cmdline(pid, what: str = "cmdline") -> str:
 
 def leftovers(workdir: str) -> list[str]:
     """Live processes started with a path inside the demo's work directory `workdir`
-    in their command line or their environment (the FastCGI workers have it in
-    PYTHONPATH)."""
+    in their command line or their environment, or titled as workers of the demo's
+    app pools (setproctitle rewrites a worker's command line and environment)."""
     return [f"{pid}: {cmdline(pid)}" for pid in filter(str.isdigit, os.listdir("/proc"))
-            if int(pid) != os.getpid() and any(workdir + "/" in cmdline(pid, what)
-                                               for what in ("cmdline", "environ"))]
+            if int(pid) != os.getpid() and (any(workdir + "/" in cmdline(pid, what)
+                                                for what in ("cmdline", "environ"))
+                                            or "pool=demo_hello_" in cmdline(pid))]
 
 
 def workdirs() -> set[str]:
@@ -216,20 +217,22 @@ def test_interrupted_demo_stops_its_servers(tmp_path, sig, form):
                 "cgigate.demo.loadgen" in cmdline(pid) for pid in descendants(proc.pid)):
             time.sleep(0.1)   # until the first point is being measured
         [workdir] = [os.path.join(tempfile.gettempdir(), d) for d in workdirs() - before]
-        running = leftovers(workdir)
-        assert running, "the demo never started a server"
-        if form == "wsgi":   # the front, the workers' supervisor and its workers
-            assert len([p for p in running if "cgigate" in p]) >= 3, running
+        running = descendants(proc.pid)   # the daemon and what it started, the load generator
+        assert leftovers(workdir), "the demo never started a server"
+        if form == "wsgi":   # the front, the workers' supervisor and its workers, the load generator
+            assert len(running) >= 5, [cmdline(pid) for pid in running]
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:   # the test failed before: still let the demo clean up
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted; the servers it started are stopped" in err
-    deadline = time.monotonic() + 10
-    while leftovers(workdir) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_gone(running)
     assert leftovers(workdir) == []
     assert workdirs() <= before
 

@@ -1,10 +1,11 @@
 """`cgigate fcgi`: load the app (or check the CGI directory), open the
 sockets, pre-fork the workers.
 
-The app is imported once, in the supervisor, before any worker starts: an
+The app is imported once in a throwaway child before any worker starts: an
 import error is reported once, with the exit status 2, instead of every
-worker failing in turn (gunicorn's boot-error rule).  The workers inherit it
-already loaded.  With `--cgi-dir` each worker runs an event loop that forks
+worker failing in turn (gunicorn's boot-error rule).  Each worker then
+imports it itself, so that a reload (SIGHUP) runs the code on disk; the
+pool's supervisor (pool.py) manages them.  With `--cgi-dir` each worker runs an event loop that forks
 CGI scripts (`cgigate.worker.scripts`), and `[cgi] max_children` and
 `queue_size` are divided among the workers.
 """
@@ -19,6 +20,7 @@ import math
 import os
 import pwd
 import signal
+import sys
 import threading
 
 from cgigate import logs
@@ -43,7 +45,7 @@ def _owner(spec: str, group: str) -> tuple[int, int] | None:
     return (entry.pw_uid if entry else -1), gid
 
 
-def run(config) -> int:
+def run(config, scoreboard_path: str | None = None) -> int:
     settings = config.fcgi
     logs.setup("off", config.server.error_log, config.server.log_level)
     if bool(settings.app) == bool(settings.cgi_dir):
@@ -52,10 +54,7 @@ def run(config) -> int:
                   "; not both" if settings.app else "")
         return 2
     try:
-        if settings.app:
-            from cgigate.worker.wsgi import load_app
-            target = load_app(settings.app)
-        else:
+        if settings.cgi_dir:
             target = _cgi_dir(settings.cgi_dir)
         owner = _owner(settings.unix_socket_owner, settings.unix_socket_group)
     except ValueError as e:
@@ -74,7 +73,7 @@ def run(config) -> int:
         if settings.cgi_dir:
             config.fcgi.cgi_dir = target
             return _run_scripts(config, listeners, announce)
-        return _run_app(config, target, listeners, announce)
+        return _run_app(config, listeners, announce, scoreboard_path)
     finally:
         remove_unix_sockets(binds)
 
@@ -130,27 +129,115 @@ def _run_scripts(config, listeners, announce: list[str]) -> int:
                    settings.graceful_timeout + config.cgi.kill_grace + 5, announce).run()
 
 
-def _run_app(config, app, listeners, announce: list[str]) -> int:
+def check_app(spec: str) -> str | None:
+    """Import the app in a child process: None when it loads, else what is wrong.
+    The supervisor never imports it itself, so that each generation of workers
+    (SIGHUP) loads the code as it is on disk then."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(read_end)
+            from cgigate.worker.wsgi import load_app
+            try:
+                load_app(spec)
+            except ValueError as e:
+                os.write(write_end, str(e).encode()[:4000])
+                code = 2
+            except BaseException as e:
+                os.write(write_end, f"--app {spec!r}: importing it raised {type(e).__name__}: {e}".encode()[:4000])
+                code = 2
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode("utf-8", "replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return message or f"--app {spec!r}: the import check exited with {os.waitstatus_to_exitcode(status)}"
+    return None
+
+
+def _title(text: str) -> None:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return
+    setproctitle(f"cgigate fcgi: {text}")
+
+
+def _run_app(config, listeners, announce: list[str], scoreboard_path: str | None) -> int:
+    import faulthandler
+    from cgigate.worker import pool as P
+    from cgigate.worker.scoreboard import Scoreboard
     from cgigate.worker.server import Worker
+    from cgigate.worker.watchdog import RequestTracker
 
     settings = config.fcgi
+    spec = settings.app
+    pool = P.PoolSettings.from_config(config)
+    problems = pool.problems()
+    if problems:
+        log.error("[fcgi] %s", "; ".join(problems))
+        return 2
+    wrong = check_app(spec)
+    if wrong:
+        log.error("%s", wrong)
+        return 2
+    name = spec.partition(":")[0]
+    board = Scoreboard.create(max(pool.workers * 2, 8), name, pool.pm, scoreboard_path)
+    error_log = config.server.error_log
 
-    def worker_main(slot: int) -> int:
+    def worker_main(slot: int, generation: int, s: P.PoolSettings, board: Scoreboard, max_requests: int) -> int:
         stop = threading.Event()
+        reason = []
+
+        def retire(why: str) -> None:
+            reason.append(why)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())   # only record it
-        worker = Worker(app, threads=settings.threads, max_conns=settings.max_conns,
-                        multiprocess=settings.workers > 1, idle_timeout=settings.idle_timeout,
-                        allow=AllowList(settings.allowed_clients))
+        for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)          # the supervisor's business
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, lambda *_: logs.reopen())
+        stacks = sys.stderr if error_log == "-" else open(error_log, "a")
+        faulthandler.register(signal.SIGUSR2, file=stacks, all_threads=True)
+        label = f"worker {slot} (pid {os.getpid()})"
+        tracker = RequestTracker(board=board, slot=slot, generation=generation, label=label,
+                                 max_requests=max_requests, max_rss_kib=s.max_rss // 1024,
+                                 request_timeout=s.request_timeout,
+                                 slow_request_timeout=s.slow_request_timeout, retire=retire,
+                                 title=lambda state: _title(f"worker {slot} pool={name} {state}"))
+        from cgigate.worker.wsgi import load_app
+        try:
+            app = load_app(spec)
+        except BaseException as e:
+            log.error("%s: cannot load the app: %s", label, e)
+            return 3
+        worker = Worker(app, threads=s.threads, max_conns=s.threads, multiprocess=True,
+                        idle_timeout=settings.idle_timeout, allow=AllowList(settings.allowed_clients),
+                        advertised_conns=s.workers * s.threads, tracker=tracker)
         _freeze_heap()
         for sock, _ in listeners:
             threading.Thread(target=worker.serve_forever, args=(sock,), daemon=True,
                              name="fcgi-accept").start()
+        tracker.ready(worker)
         while not stop.wait(0.5):
             pass
-        worker.stop(settings.graceful_timeout)
+        worker.stop(s.graceful_timeout)
+        tracker.stop()
         return 0
 
-    announce.append(f"app {settings.app}: {settings.workers} worker(s) x {settings.threads} thread(s), "
-                    f"{'multiplexing' if settings.threads > 1 else 'one request per connection'}")
-    return Arbiter(settings.workers, worker_main, settings.graceful_timeout + 5, announce).run()
+    def reload_settings() -> P.PoolSettings:
+        from cgigate.cli import reload_config
+        return P.PoolSettings.from_config(reload_config())
+
+    announce.append(f"app {spec}: pm {pool.pm}, {pool.workers} worker(s) x {pool.threads} thread(s), "
+                    f"{'multiplexing' if pool.threads > 1 else 'one request per connection'}")
+    supervisor = P.PoolSupervisor(name=name, settings=pool, listeners=listeners, board=board,
+                                  worker_main=worker_main, check_app=lambda: check_app(spec),
+                                  reload_settings=reload_settings, announce=announce, set_title=_title)
+    return supervisor.run()

@@ -23,8 +23,10 @@ closed after `idle_timeout` seconds; so is one idle between requests.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cgigate.fastcgi import ProtocolError, ServerConnection
@@ -38,14 +40,27 @@ READ_SIZE = 65536
 
 
 class _Request:
-    __slots__ = ("request_id", "stdin", "params", "aborted", "ended")
+    __slots__ = ("request_id", "stdin", "params", "aborted", "ended", "answered", "connection",
+                 "thread", "started", "slow_logged", "stuck")
 
-    def __init__(self, request_id: int):
+    def __init__(self, request_id: int, connection: "Connection"):
         self.request_id = request_id
+        self.connection = connection
         self.stdin: InputStream | None = None
         self.params = None
         self.aborted = False
         self.ended = False
+        self.answered = False       # some STDOUT went out
+        self.thread = 0             # the thread running the app for it (for its stack)
+        self.started = 0.0          # time.monotonic() when the app was called
+        self.slow_logged = False
+        self.stuck = False          # timed out, its app call still running
+
+    def describe(self) -> str:
+        params = dict(self.params or ())
+        method = params.get(b"REQUEST_METHOD", b"-").decode("latin-1")
+        uri = params.get(b"REQUEST_URI") or params.get(b"SCRIPT_NAME", b"") + params.get(b"PATH_INFO", b"")
+        return f"{method} {uri.decode('latin-1')}"
 
 
 class Connection:
@@ -54,10 +69,11 @@ class Connection:
         self.sock = sock
         self.peer = peer
         self.fcgi = ServerConnection(multiplex=worker.threads > 1, max_requests=worker.threads,
-                                     max_conns=worker.max_conns)
+                                     max_conns=worker.advertised_conns)
         self.lock = threading.Lock()
         self.requests: dict[int, _Request] = {}
         self.closed = False
+        self.last_used = time.monotonic()
 
     def serve(self) -> None:
         self.sock.settimeout(self.worker.idle_timeout)
@@ -99,7 +115,7 @@ class Connection:
                         self.run(request)
                     else:
                         self.worker.pool.submit(self.run, request)
-                if self.fcgi.close_after and not self.requests:
+                if (self.fcgi.close_after or self.worker.stopping) and not self.requests:
                     break
         finally:
             self.close()
@@ -108,7 +124,7 @@ class Connection:
         """Act on one event; a request whose PARAMS are complete goes on `ready`."""
         rid = event.request_id
         if isinstance(event, ev.BeginRequest):
-            self.requests[rid] = _Request(rid)
+            self.requests[rid] = _Request(rid, self)
         elif isinstance(event, ev.Params):
             request = self.requests.get(rid)
             if request is None:
@@ -142,6 +158,7 @@ class Connection:
             if request.ended:
                 return
             request.ended = True
+            self.last_used = time.monotonic()
             if self.requests.get(request.request_id) is request:
                 del self.requests[request.request_id]
             if self.closed:
@@ -151,13 +168,32 @@ class Connection:
             except OSError:
                 self._close_locked()
                 return
-            if self.fcgi.close_after and not self.requests:
+            if (self.fcgi.close_after or self.worker.stopping) and not self.requests:
                 self._close_locked()
+
+    def answer_instead(self, request: _Request, status: str, text: str) -> bool:
+        """End `request` with this answer from the worker itself (its app thread is
+        stuck); False when the app had already begun its own answer."""
+        with self.lock:
+            if request.ended or self.closed or request.answered:
+                return False
+            body = text.encode()
+            head = (f"Status: {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            try:
+                self.sock.sendall(self.fcgi.send_stdout(request.request_id, head + body))
+            except OSError:
+                self._close_locked()
+                return False
+        self.end(request, 0)
+        return True
 
     def send(self, request: _Request, data: bytes, stream: str = "stdout") -> None:
         with self.lock:
             if request.ended or self.closed:
                 return
+            if stream == "stdout":
+                request.answered = True
             encode = self.fcgi.send_stdout if stream == "stdout" else self.fcgi.send_stderr
             try:
                 self.sock.sendall(encode(request.request_id, data))
@@ -171,7 +207,11 @@ class Connection:
             # At most `threads` app calls at once in this process, whichever
             # thread runs them: wsgi.multithread is False when threads is 1.
             with self.worker.app_slots:
-                self._run(request)
+                self.worker.began(request)
+                try:
+                    self._run(request)
+                finally:
+                    self.worker.finished(request)
         finally:
             with self.worker.busy:
                 self.worker.running -= 1
@@ -215,30 +255,79 @@ class Connection:
             self._close_locked()
 
 
-class Worker:
-    """Serves a listening socket until `stop()`; in-flight requests finish first."""
+def _waiting(listener: socket.socket) -> bool:
+    """Does a connection wait to be accepted?"""
+    try:
+        return bool(select.select([listener], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
-    def __init__(self, app, threads: int = 1, max_conns: int = 64, multiprocess: bool = False,
-                 idle_timeout: float = 60.0, allow=None):
+
+class Worker:
+    """Serves a listening socket until `stop()`; in-flight requests finish first.
+
+    It accepts at most `threads` connections at a time (a web server that does
+    not multiplex puts one request at a time on each), so a busy worker leaves
+    new connections to an idle one, as php-fpm's do; when it is full and a
+    connection waits, it closes its idlest connection that carries no request
+    (which php-fpm does not: there, a web server keeping more idle connections
+    than the pool has workers leaves requests waiting).  FCGI_MAX_CONNS tells
+    the web server how many the whole pool takes (`advertised_conns`).
+    `tracker` (a watchdog.RequestTracker) hears of every request's start and
+    end: the scoreboard, recycling and timeouts hang on it."""
+
+    def __init__(self, app, threads: int = 1, max_conns: int | None = None, multiprocess: bool = False,
+                 idle_timeout: float = 60.0, allow=None, advertised_conns: int | None = None,
+                 tracker=None):
         self.app = app
         self.allow = allow            # a listeners.AllowList for TCP peers; None: everyone
         self.threads = threads
-        self.max_conns = max_conns
+        self.max_conns = max_conns or threads
+        self.advertised_conns = advertised_conns or self.max_conns
         self.multiprocess = multiprocess
         self.idle_timeout = idle_timeout
+        self.tracker = tracker
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
         self.connections: set[Connection] = set()
         self.running = 0                     # requests between PARAMS and END_REQUEST
+        self.stuck = 0                       # of those, timed out with their app call still running
+        self.active: dict[int, _Request] = {}   # id() -> request, while the app runs it
         self.app_slots = threading.BoundedSemaphore(threads)
         self.busy = threading.Condition()
-        self._slots = threading.BoundedSemaphore(max_conns)
+        self._slots = threading.BoundedSemaphore(self.max_conns)
         self._stopping = threading.Event()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def began(self, request: _Request) -> None:
+        request.thread = threading.get_ident()
+        request.started = time.monotonic()
+        with self.busy:
+            self.active[id(request)] = request
+        if self.tracker is not None:
+            self.tracker.began(request)
+
+    def finished(self, request: _Request) -> None:
+        with self.busy:
+            self.active.pop(id(request), None)
+            if request.stuck:
+                request.stuck = False
+                self.stuck -= 1
+        if self.tracker is not None:
+            self.tracker.finished(request)
 
     def serve_forever(self, listener: socket.socket) -> None:
         """Accept from `listener` until stop(); run one such thread per listener."""
         listener.settimeout(0.5)
         while not self._stopping.is_set():
-            if not self._slots.acquire(timeout=0.5):
+            if not self._slots.acquire(timeout=0.2):
+                # Full.  A web server that keeps idle connections open (fastcgi_keep_conn,
+                # or more of them than the pool has workers) must not leave a new one
+                # waiting behind them: close our idlest to take it.
+                if _waiting(listener):
+                    self._reclaim_idle()
                 continue
             try:
                 sock, peer = listener.accept()
@@ -266,6 +355,15 @@ class Worker:
             threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
                              name=f"fcgi-conn-{sock.fileno()}").start()
 
+    def _reclaim_idle(self) -> None:
+        idle = [conn for conn in list(self.connections) if not conn.requests and not conn.closed]
+        if idle:
+            conn = min(idle, key=lambda c: c.last_used)
+            log.debug("closing an idle fastcgi connection from %s: another one waits", conn.peer)
+            with conn.lock:
+                if not conn.requests:
+                    conn._close_locked()
+
     def _serve_connection(self, conn: Connection) -> None:
         try:
             conn.serve()
@@ -274,10 +372,17 @@ class Worker:
             self._slots.release()
 
     def stop(self, grace: float) -> None:
-        """Stop accepting, let running requests finish for up to `grace` seconds."""
+        """Stop accepting, let running requests finish for up to `grace` seconds.
+        A connection with no request on it is closed at once, one with a request
+        when that ends (a web server reusing it then sees it closed before any
+        answer, and tries another)."""
         self._stopping.set()
+        for conn in list(self.connections):
+            with conn.lock:
+                if not conn.requests:
+                    conn._close_locked()
         with self.busy:
-            if not self.busy.wait_for(lambda: self.running == 0, timeout=grace):
+            if not self.busy.wait_for(lambda: self.running - self.stuck <= 0, timeout=grace):
                 log.warning("graceful timeout: %d request(s) still running are cut", self.running)
         self.pool.shutdown(wait=False, cancel_futures=True)
         for conn in list(self.connections):

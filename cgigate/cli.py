@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ARGS = None   # the command line, for reload_config()
+ARGS = None   # the command line, for reload_config()
 
 
 def load_config(args) -> configuration.Config:
@@ -125,7 +125,7 @@ def load_config(args) -> configuration.Config:
 
 def reload_config() -> configuration.Config:
     """The config file again, with the same command line (SIGHUP)."""
-    return load_config(_ARGS)
+    return load_config(ARGS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from cgigate.demo.command import run_command
         return run_command(args)
-    global _ARGS
-    _ARGS = args
+    global ARGS
+    ARGS = args
     try:
         config = load_config(args)
     except configuration.ConfigError as e:

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ class AppPool:
         self.route = route
         self.config = config
         self.socket = os.path.join(directory, f"app-{index}.sock")
+        self.scoreboard = os.path.join(directory, f"app-{index}.scoreboard")
         self.address = f"unix:{self.socket}"
         self.process: subprocess.Popen | None = None
 
@@ -38,18 +38,27 @@ class AppPool:
                    "--bind", self.address, "--workers", str(self.route.workers),
                    "--threads", str(self.route.threads), "--socket-mode", "600",
                    "--error-log", server.error_log, "--log-level", server.log_level,
-                   "--graceful-timeout", str(server.graceful_timeout)]
+                   "--graceful-timeout", str(server.graceful_timeout), "--scoreboard", self.scoreboard]
+        if self.config.source != "(built-in defaults)":
+            # its [fcgi] pool settings (pm, recycling, timeouts), read again on SIGHUP
+            command[4:4] = ["-c", self.config.source]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the workers for app {self.route.app} exited with status "
                                    f"{self.process.returncode} (see the error log above)")
-            if _accepts(self.socket):
+            # The pool writes its scoreboard once its socket listens and its app
+            # loads; a probing connection would make an ondemand pool start a worker.
+            if os.path.exists(self.scoreboard) and os.path.exists(self.socket):
                 return
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"the workers for app {self.route.app} did not listen within {START_TIMEOUT:g}s")
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -61,17 +70,6 @@ class AppPool:
             log.error("the workers for app %s did not stop; SIGKILL", self.route.app)
             self.process.kill()
             self.process.wait()
-
-
-def _accepts(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 class AppPools:
@@ -95,6 +93,14 @@ class AppPools:
         except BaseException:
             self.stop()
             raise
+
+    def signal(self, signum: int) -> None:
+        for pool in self.pools:
+            pool.signal(signum)
+
+    def reload(self) -> None:
+        """Each pool reloads its app: new workers first, then the old ones finish."""
+        self.signal(signal.SIGHUP)
 
     def stop(self) -> None:
         for pool in self.pools:

@@ -26,7 +26,7 @@ from cgigate import logs
 from cgigate.arbiter import Arbiter
 from cgigate.cgi import spawn
 from cgigate.cgi.handler import CGIHandler, ChildLimiter, LocalRedirect
-from cgigate.config import Config
+from cgigate.config import Config, ConfigError
 from cgigate.errors import ClientDisconnected, HTTPError
 from cgigate.front.apps import AppPools
 from cgigate.front.fixed import FixedHandler
@@ -46,8 +46,14 @@ class Server:
         self.shutting_down = False
         self.limiter = ChildLimiter(config.cgi.max_children, config.cgi.queue_size,
                                     config.cgi.queue_timeout)
-        self.routes = []
         self.pools: dict[str, Pool] = {}   # one per FastCGI address, shared by its routes
+        self.routes = self.build_routes(config)
+        self.redirect_limit = config.cgi.local_redirect_limit
+        self.listeners: list[asyncio.AbstractServer] = []
+        self.addresses: list[str] = []
+
+    def build_routes(self, config: Config) -> list:
+        routes = []
         for route in config.routes:
             prefix_segments = [s.encode("latin-1") for s in route.prefix.split("/") if s]
             if route.kind == "cgi":
@@ -61,10 +67,37 @@ class Server:
                 handler = FastCGIHandler(route.fastcgi, route.prefix, config, route.timeout, pool=pool)
                 if route.kind == "app":
                     handler.label = f"app:{route.app}"
-            self.routes.append((prefix_segments, handler))
-        self.redirect_limit = config.cgi.local_redirect_limit
-        self.listeners: list[asyncio.AbstractServer] = []
-        self.addresses: list[str] = []
+            routes.append((prefix_segments, handler))
+        return routes
+
+    def reload(self, apps: AppPools) -> None:
+        """SIGHUP: the config file again for the routes, and each app pool reloads
+        its app (new workers first, then the old ones finish their requests)."""
+        from cgigate import cli
+        source = self.config.source
+        if cli.ARGS is not None:
+            try:
+                new = cli.reload_config()
+            except ConfigError as e:
+                log.error("SIGHUP: %s; still serving the old config", e)
+                new = None
+            if new is not None:
+                old_apps = {(r.prefix, r.app) for r in self.config.routes if r.kind == "app"}
+                new_apps = {(r.prefix, r.app) for r in new.routes if r.kind == "app"}
+                if old_apps != new_apps:
+                    log.warning("SIGHUP: the app routes changed; restart cgigate to start or stop app "
+                                "pools (the other routes are reloaded)")
+                    new.routes = [r for r in new.routes if r.kind != "app"] + \
+                        [r for r in self.config.routes if r.kind == "app"]
+                    new.routes.sort(key=lambda r: len(r.prefix), reverse=True)
+                for route in new.routes:   # app routes keep their running pools
+                    if route.kind == "app":
+                        route.fastcgi = next(r.fastcgi for r in self.config.routes
+                                             if r.kind == "app" and r.prefix == route.prefix)
+                self.routes = self.build_routes(new)
+                self.config = new
+                log.info("SIGHUP: config %s reloaded: %d route(s)", source, len(self.routes))
+        apps.reload()
 
     def match(self, segments: list[bytes]):
         for prefix, handler in self.routes:
@@ -179,8 +212,9 @@ def _target(request) -> str:
     return request.target.decode("latin-1")[:200]
 
 
-async def serve(config: Config, listeners, announce: bool = True) -> int:
-    """Serve `listeners` until SIGTERM or SIGINT, then stop gracefully."""
+async def serve(config: Config, listeners, announce: bool = True, apps: AppPools | None = None) -> int:
+    """Serve `listeners` until SIGTERM or SIGINT, then stop gracefully.  SIGHUP
+    reloads (the routes, and the apps), SIGUSR1 reopens the log files."""
     loop = asyncio.get_running_loop()
     server = Server(config)
     await server.start(listeners)
@@ -193,6 +227,10 @@ async def serve(config: Config, listeners, announce: bool = True) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    if apps is not None:
+        # queued to the loop: the handler runs as an ordinary callback, not inside the signal
+        loop.add_signal_handler(signal.SIGHUP, server.reload, apps)
+        loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, apps)
     # Everything allocated so far lives as long as the daemon: keep the
     # cyclic garbage collector from walking it again on every collection.
     gc.collect()
@@ -206,6 +244,12 @@ async def serve(config: Config, listeners, announce: bool = True) -> int:
     await server.stop(received[0])
     log.info("stopped")
     return 0
+
+
+def _reopen_logs(apps: AppPools) -> None:
+    logs.reopen()
+    log.info("SIGUSR1: log files reopened")
+    apps.signal(signal.SIGUSR1)
 
 
 def _describe_routes(config: Config):
@@ -245,7 +289,7 @@ def run(config: Config) -> int:
             stop_timeout = config.server.graceful_timeout + config.cgi.kill_grace + 5
             return Arbiter(config.server.processes, lambda slot: run_loop(serve(share, listeners, False)),
                            stop_timeout, announce).run()
-        return run_loop(serve(config, listeners))
+        return run_loop(serve(config, listeners, apps=apps))
     finally:
         apps.stop()
         remove_unix_sockets(config.binds)

@@ -109,7 +109,9 @@ class FastCGIHandler:
 
         loop = asyncio.get_running_loop()
         has_body = request.body is not None
-        retries = 1 if not has_body and request.method in RETRY_METHODS else 0
+        # Each retry spends one reused connection the application closed (a worker
+        # recycled, or a pool reloading closes several at once), so at most that many.
+        retries = self.pool.max_connections if not has_body and request.method in RETRY_METHODS else 0
         exchange: Exchange | None = None
         feeder: asyncio.Task | None = None
         outcome = "client gone"
@@ -126,8 +128,8 @@ class FastCGIHandler:
                         if not (retries and exchange.reused and exchange.records == 0 and not e.protocol):
                             raise
                         # A reused connection the application closed just as we
-                        # sent on it (php-fpm's pm.max_requests): nothing was
-                        # answered, a bodiless GET is safe to send again.
+                        # sent on it (php-fpm's pm.max_requests, a reload): nothing
+                        # was answered, a bodiless GET is safe to send again.
                         retries -= 1
                         log.info("%s reused connection closed before any answer; retrying on another",
                                  tag)

@@ -60,6 +60,12 @@ def run(config, scoreboard_path: str | None = None) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 2
+    if settings.app:
+        # before the socket exists: nothing connects to a pool whose app cannot load
+        wrong = check_app(settings.app)
+        if wrong:
+            log.error("%s", wrong)
+            return 2
     binds = activation_binds() or config.fcgi_binds
     try:
         listeners = open_listeners(binds, settings.unix_socket_mode, owner)
@@ -181,10 +187,6 @@ def _run_app(config, listeners, announce: list[str], scoreboard_path: str | None
     if problems:
         log.error("[fcgi] %s", "; ".join(problems))
         return 2
-    wrong = check_app(spec)
-    if wrong:
-        log.error("%s", wrong)
-        return 2
     name = spec.partition(":")[0]
     board = Scoreboard.create(max(pool.workers * 2, 8), name, pool.pm, scoreboard_path)
     error_log = config.server.error_log
@@ -205,6 +207,7 @@ def _run_app(config, listeners, announce: list[str], scoreboard_path: str | None
         signal.signal(signal.SIGUSR1, lambda *_: logs.reopen())
         stacks = sys.stderr if error_log == "-" else open(error_log, "a")
         faulthandler.register(signal.SIGUSR2, file=stacks, all_threads=True)
+        _title(f"worker {slot} pool={name} starting")
         label = f"worker {slot} (pid {os.getpid()})"
         tracker = RequestTracker(board=board, slot=slot, generation=generation, label=label,
                                  max_requests=max_requests, max_rss_kib=s.max_rss // 1024,

@@ -72,6 +72,14 @@ def to_seconds_or_off(value: Any) -> float:
     return to_seconds(value)
 
 
+def to_url_path(value: Any) -> str:
+    """A URL path such as "/status", or "" for off."""
+    text = to_str(value)
+    if text and (not text.startswith("/") or any(c in text for c in "?#% ")):
+        raise ValueError(f"want a plain URL path starting with '/', or \"\" for off; got {text!r}")
+    return text
+
+
 def to_pm(value: Any) -> str:
     text = to_str(value)
     if text not in ("static", "dynamic", "ondemand"):
@@ -314,6 +322,15 @@ SETTINGS: tuple[Setting, ...] = (
       "RLIMIT_AS for each script, in bytes (0: no limit)."),
     S("cgi", "limit_open_files", to_count, 0,
       "RLIMIT_NOFILE for each script (0: no limit)."),
+    # [status]: the front's status page and health check
+    S("status", "path", to_url_path, "",
+      "URL path of the status page (\"\" : off): JSON, ?html or ?prometheus; the front's counters per "
+      "route, the CGI side and every app pool's workers."),
+    S("status", "ping_path", to_url_path, "",
+      "URL path answering \"pong\" while every app pool is healthy, else 503 (\"\" : off)."),
+    S("status", "allow", to_networks, ["127.0.0.1", "::1"],
+      "Addresses or networks (CIDR) that may see the status page and ping; others get 403.  "
+      "[\"any\"] allows everyone; unix-socket clients always may."),
     # [fcgi]: `cgigate fcgi`, FastCGI workers hosting a WSGI app or running CGI scripts
     S("fcgi", "bind", to_binds, ["127.0.0.1:9000"],
       "Address the workers listen on for FastCGI: HOST:PORT, unix:PATH, or fd:N for a socket "
@@ -375,6 +392,13 @@ SETTINGS: tuple[Setting, ...] = (
     S("fcgi", "slow_request_timeout", to_seconds_or_off, 0.0,
       "A request running longer has its Python stack logged, once, and is left to run (0: off).",
       flag="--slow-request-timeout", metavar="SECONDS"),
+    S("fcgi", "status_path", to_url_path, "",
+      "App mode: a request whose SCRIPT_NAME + PATH_INFO is this path gets the pool's status (JSON, "
+      "?html, ?prometheus) instead of the app, as php-fpm's pm.status_path (\"\" : off).  Guard it in "
+      "the web server.", flag="--status-path", metavar="PATH"),
+    S("fcgi", "ping_path", to_url_path, "",
+      "App mode: a request for this path gets \"pong\" (php-fpm's ping.path; \"\" : off).",
+      flag="--ping-path", metavar="PATH"),
     S("fcgi", "unix_socket_mode", to_octal_mode, 0o660,
       "File mode of a unix socket (octal).", flag="--socket-mode", metavar="MODE"),
     S("fcgi", "unix_socket_owner", to_str, "",
@@ -404,6 +428,8 @@ ROUTE_KEYS = {
     "workers": "For an app route: worker processes (default 2).",
     "threads": "For an app route: threads per worker (default 1; more multiplexes).",
     "timeout": "This route's timeout in seconds (overrides [cgi] timeout).",
+    "queue_size": "For an app or fastcgi route: requests that may wait for a free connection to it; "
+                  "one more gets 503 (default 256).",
 }
 ROUTE_KINDS = ("cgi_dir", "fastcgi", "app", "return")
 
@@ -415,9 +441,11 @@ class Route:
     timeout: float | None = None
     fastcgi: str = ""       # address of an external FastCGI responder
     app: str = ""           # MODULE:CALLABLE served by workers the daemon starts
+    scoreboard: str = ""    # app: the pool's scoreboard file, for the status page
     text: str | None = None  # `return`: what the front answers with by itself
     workers: int = 2
     threads: int = 1
+    queue_size: int = 256
 
     @property
     def kind(self) -> str:
@@ -431,6 +459,7 @@ class Config:
     server: SimpleNamespace
     cgi: SimpleNamespace
     fcgi: SimpleNamespace = field(default_factory=SimpleNamespace)
+    status: SimpleNamespace = field(default_factory=SimpleNamespace)
     routes: list[Route] = field(default_factory=list)
     source: str = "(built-in defaults)"
     binds: list[Bind] = field(default_factory=list)
@@ -500,7 +529,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
 
     config = Config(server=SimpleNamespace(**sections["server"]),
                     cgi=SimpleNamespace(**sections["cgi"]), fcgi=SimpleNamespace(**sections["fcgi"]),
-                    source=source)
+                    status=SimpleNamespace(**sections["status"]), source=source)
     bind_base = os.getcwd() if "server.bind" in overrides else base_dir
     config.binds = [parse_bind(b, bind_base) for b in config.server.bind]
     fcgi_base = os.getcwd() if "fcgi.bind" in overrides else base_dir
@@ -553,7 +582,8 @@ def _route_from_table(entry: Any, where: str, source: str, base_dir: str, config
         route = Route(prefix=_normalise_prefix(to_str(entry["prefix"])),
                       timeout=to_seconds(entry["timeout"]) if "timeout" in entry else None,
                       workers=to_positive_count(entry.get("workers", 2)),
-                      threads=to_positive_count(entry.get("threads", 1)))
+                      threads=to_positive_count(entry.get("threads", 1)),
+                      queue_size=to_count(entry.get("queue_size", 256)))
     except ValueError as e:
         raise ConfigError(source, where, str(e)) from None
     if "cgi_dir" in entry:

@@ -61,17 +61,28 @@ class ChildLimiter:
         self.queue_timeout = queue_timeout
         self.running = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        # for the status page: the CGI side of the daemon
+        self.spawned = 0
+        self.killed_on_timeout = 0
+        self.peak_waiting = 0
+        self.refused = 0                # 503: queue full, or waited too long
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     async def acquire(self) -> None:
         if self.running < self.limit and not self._waiters:
             self.running += 1
             return
         if len(self._waiters) >= self.queue_size:
+            self.refused += 1
             raise HTTPError(503, f"{self.running} scripts running and {len(self._waiters)} waiting "
                             "(cgi.max_children, cgi.queue_size)", headers=(("Retry-After", "1"),))
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self._waiters.append(waiter)
+        self.peak_waiting = max(self.peak_waiting, len(self._waiters))
         timer = loop.call_later(self.queue_timeout, self._expire, waiter)
         try:
             await waiter
@@ -87,6 +98,7 @@ class ChildLimiter:
     def _expire(self, waiter: asyncio.Future) -> None:
         if not waiter.done():
             self._waiters.remove(waiter)
+            self.refused += 1
             waiter.set_exception(HTTPError(503, f"waited {self.queue_timeout:g}s for a free CGI slot "
                                            "(cgi.queue_timeout)", headers=(("Retry-After", "1"),)))
 
@@ -180,6 +192,7 @@ class CGIHandler:
                                 headers=(("Retry-After", "1"),)) from None
             hint = " (missing or wrong #! line?)" if e.errno in (errno.ENOENT, errno.ENOEXEC) else ""
             raise HTTPError(502, f"cannot execute {name}: {e.strerror}{hint}") from None
+        self.limiter.spawned += 1
         loop = asyncio.get_running_loop()
         feeder = loop.create_task(self._feed(child, request.body, spool)) if with_stdin else None
         child.exited.add_done_callback(lambda f: _log_exit(f, tag))
@@ -193,6 +206,7 @@ class CGIHandler:
         except TimeoutError:
             outcome = "timeout"
             child.kill_group()
+            self.limiter.killed_on_timeout += 1
             message = (f"ran over its {self.timeout:g}s timeout; process group killed "
                        f"(SIGTERM, SIGKILL after {self.cgi.kill_grace:g}s)")
             if not response.started:

@@ -88,6 +88,7 @@ class AppPools:
                 self.pools.append(pool)
                 pool.start()
                 route.fastcgi = pool.address
+                route.scoreboard = pool.scoreboard
                 log.info("app %s: %d worker(s) x %d thread(s) on %s", route.app, route.workers,
                          route.threads, pool.address)
         except BaseException:

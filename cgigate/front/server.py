@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import signal
+import time
 from types import SimpleNamespace
 
 from cgigate import logs
@@ -30,8 +31,10 @@ from cgigate.config import Config, ConfigError
 from cgigate.errors import ClientDisconnected, HTTPError
 from cgigate.front.apps import AppPools
 from cgigate.front.fixed import FixedHandler
+from cgigate.front.statuspage import StatusHandler
 from cgigate.front.http import HTTPConnection
 from cgigate.listeners import open_listeners, remove_unix_sockets
+from cgigate.status import FrontStats
 from cgigate.front.paths import decode_segments
 from cgigate.upstream import FastCGIHandler, Pool
 
@@ -48,6 +51,9 @@ class Server:
                                     config.cgi.queue_timeout)
         self.pools: dict[str, Pool] = {}   # one per FastCGI address, shared by its routes
         self.routes = self.build_routes(config)
+        self.stats = FrontStats()
+        self.status = StatusHandler(self, config.status) if config.status.path or config.status.ping_path \
+            else None
         self.redirect_limit = config.cgi.local_redirect_limit
         self.listeners: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []
@@ -63,7 +69,7 @@ class Server:
             else:
                 pool = self.pools.get(route.fastcgi)
                 if pool is None:
-                    pool = self.pools[route.fastcgi] = Pool(route.fastcgi)
+                    pool = self.pools[route.fastcgi] = Pool(route.fastcgi, queue_size=route.queue_size)
                 handler = FastCGIHandler(route.fastcgi, route.prefix, config, route.timeout, pool=pool)
                 if route.kind == "app":
                     handler.label = f"app:{route.app}"
@@ -92,10 +98,12 @@ class Server:
                     new.routes.sort(key=lambda r: len(r.prefix), reverse=True)
                 for route in new.routes:   # app routes keep their running pools
                     if route.kind == "app":
-                        route.fastcgi = next(r.fastcgi for r in self.config.routes
-                                             if r.kind == "app" and r.prefix == route.prefix)
+                        running = next(r for r in self.config.routes if r.kind == "app" and r.prefix == route.prefix)
+                        route.fastcgi, route.scoreboard = running.fastcgi, running.scoreboard
                 self.routes = self.build_routes(new)
                 self.config = new
+                self.status = StatusHandler(self, new.status) if new.status.path or new.status.ping_path \
+                    else None
                 log.info("SIGHUP: config %s reloaded: %d route(s)", source, len(self.routes))
         apps.reload()
 
@@ -112,20 +120,24 @@ class Server:
             if request.error is not None:
                 raise request.error
             current = request
-            while True:
-                segments = decode_segments(current.path)
-                handler, rest = self.match(segments)
-                if handler is None:
-                    raise HTTPError(404, "no route for this path")
-                backend = handler.label
-                result = await handler.handle(current, response, rest)
-                if not isinstance(result, LocalRedirect):
-                    break
-                if current.redirects >= self.redirect_limit:
-                    raise HTTPError(500, f"more than {self.redirect_limit} local redirects, last to "
-                                    f"{result.target[:200]!r} (cgi.local_redirect_limit)")
-                log.debug("rid=%s local redirect to %r", request.request_id, result.target)
-                current = current.redirected(result.target)
+            if self.status is not None and self.status.serves(request.path):
+                backend = self.status.label
+                await self.status.handle(request, response, [])
+            else:
+                while True:
+                    segments = decode_segments(current.path)
+                    handler, rest = self.match(segments)
+                    if handler is None:
+                        raise HTTPError(404, "no route for this path")
+                    backend = handler.label
+                    result = await handler.handle(current, response, rest)
+                    if not isinstance(result, LocalRedirect):
+                        break
+                    if current.redirects >= self.redirect_limit:
+                        raise HTTPError(500, f"more than {self.redirect_limit} local redirects, last to "
+                                        f"{result.target[:200]!r} (cgi.local_redirect_limit)")
+                    log.debug("rid=%s local redirect to %r", request.request_id, result.target)
+                    current = current.redirected(result.target)
             status = response.status
         except HTTPError as e:
             status = e.status
@@ -148,6 +160,7 @@ class Server:
         except asyncio.CancelledError:
             status = response.status or 499
             logs.access(request, status, response.body_bytes, backend)
+            self.stats.record(backend, status, time.perf_counter() - request.start_time)
             raise
         except Exception:
             status = 500
@@ -162,6 +175,7 @@ class Server:
             else:
                 request.connection.close()
         logs.access(request, status, response.body_bytes, backend)
+        self.stats.record(backend, status, time.perf_counter() - request.start_time)
 
     # --- lifecycle ---
 

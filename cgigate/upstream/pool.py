@@ -117,6 +117,8 @@ class PoolStats:
     aborts: int = 0                 # FCGI_ABORT_REQUEST records sent
     peak_connections: int = 0
     peak_buffered: int = 0          # most unread STDOUT bytes one request held
+    peak_waiting: int = 0           # most requests waiting for a connection at once
+    queue_full: int = 0             # requests refused (503) with the queue full
 
 
 class Exchange:
@@ -593,12 +595,18 @@ class Pool:
     def _can_open(self) -> bool:
         return len(self.connections) + self._opening < self.connection_limit
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
     async def _wait_turn(self) -> None:
         if len(self._waiters) >= self.queue_size:
+            self.stats.queue_full += 1
             raise PoolFull(f"fastcgi={self.address}: {self.active} requests on {len(self.connections)} "
                            f"connections and {len(self._waiters)} waiting (queue full)")
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self.stats.peak_waiting = max(self.stats.peak_waiting, len(self._waiters))
         try:
             await waiter
         except BaseException:

@@ -165,6 +165,28 @@ def check_app(spec: str) -> str | None:
     return None
 
 
+def _status_answers(settings, board):
+    """[fcgi] status_path and ping_path, answered by the worker from the scoreboard."""
+    if not settings.status_path and not settings.ping_path:
+        return None
+    from cgigate import status
+
+    status_path, ping_path = settings.status_path.encode(), settings.ping_path.encode()
+
+    def answer(params: dict):
+        path = params.get(b"SCRIPT_NAME", b"") + params.get(b"PATH_INFO", b"")
+        if ping_path and path == ping_path:
+            healthy = board.header()["healthy"]
+            return ("200 OK", b"text/plain", b"pong\n") if healthy else \
+                ("503 Service Unavailable", b"text/plain", b"unhealthy\n")
+        if status_path and path == status_path:
+            content_type, body = status.render({"pools": [board.snapshot()]},
+                                               status.form_of(params.get(b"QUERY_STRING", b"")))
+            return "200 OK", content_type, body
+        return None
+    return answer
+
+
 def _title(text: str) -> None:
     try:
         from setproctitle import setproctitle
@@ -222,7 +244,8 @@ def _run_app(config, listeners, announce: list[str], scoreboard_path: str | None
             return 3
         worker = Worker(app, threads=s.threads, max_conns=s.threads, multiprocess=True,
                         idle_timeout=settings.idle_timeout, allow=AllowList(settings.allowed_clients),
-                        advertised_conns=s.workers * s.threads, tracker=tracker)
+                        advertised_conns=s.workers * s.threads, tracker=tracker,
+                        special=_status_answers(settings, board))
         _freeze_heap()
         for sock, _ in listeners:
             threading.Thread(target=worker.serve_forever, args=(sock,), daemon=True,

@@ -219,6 +219,15 @@ class Connection:
 
     def _run(self, request: _Request) -> None:
         worker = self.worker
+        if worker.special is not None:
+            answer = worker.special(dict(request.params))
+            if answer is not None:
+                status, content_type, body = answer
+                self.send(request, b"Status: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                                   b"Cache-Control: no-store\r\n\r\n%s"
+                          % (status.encode(), content_type, len(body), body))
+                self.end(request, 0)
+                return
         errors = ErrorStream(lambda data: self.send(request, data, "stderr"))
         environ = build_environ(request.params, request.stdin, errors, worker.threads > 1,
                                 worker.multiprocess)
@@ -278,7 +287,7 @@ class Worker:
 
     def __init__(self, app, threads: int = 1, max_conns: int | None = None, multiprocess: bool = False,
                  idle_timeout: float = 60.0, allow=None, advertised_conns: int | None = None,
-                 tracker=None):
+                 tracker=None, special=None):
         self.app = app
         self.allow = allow            # a listeners.AllowList for TCP peers; None: everyone
         self.threads = threads
@@ -287,6 +296,7 @@ class Worker:
         self.multiprocess = multiprocess
         self.idle_timeout = idle_timeout
         self.tracker = tracker
+        self.special = special        # params -> (status, content type, body) or None: answers not the app's
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
         self.connections: set[Connection] = set()
         self.running = 0                     # requests between PARAMS and END_REQUEST

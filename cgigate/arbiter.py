@@ -14,6 +14,9 @@ all).
 - SIGTERM or SIGINT: pass SIGTERM to every worker (each stops gracefully,
   finishing its requests), wait for them, SIGKILL any that outlive
   `stop_timeout` seconds, exit 0.
+- SIGHUP: `on_hup()` in the arbiter (the front reloads its app pools), then
+  SIGHUP to every worker (each reloads what it can).
+- SIGUSR1: reopen the log files, here and in every worker.
 """
 
 from __future__ import annotations
@@ -26,17 +29,18 @@ from typing import Callable
 
 log = logging.getLogger("cgigate.error")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1}
 RESTART_DELAY = 1.0
 
 
 class Arbiter:
     def __init__(self, workers: int, target: Callable[[int], int], stop_timeout: float,
-                 announce: list[str] = ()):
+                 announce: list[str] = (), on_hup: Callable[[], None] | None = None):
         self.count = workers
         self.target = target              # runs in the child; its return value is the exit status
         self.stop_timeout = stop_timeout  # how long workers get after SIGTERM before SIGKILL
         self.announce = announce
+        self.on_hup = on_hup
         self.workers: dict[int, tuple[int, float]] = {}   # pid -> (slot, start time)
         self.pending: list[tuple[float, int]] = []        # (when, slot) to start again
         self.stopping = False
@@ -54,9 +58,21 @@ class Arbiter:
             elif info.si_signo == signal.SIGCHLD:
                 self.reap()
                 self.start_pending()
+            elif info.si_signo in (signal.SIGHUP, signal.SIGUSR1):
+                self.pass_on(signal.Signals(info.si_signo))
             else:
                 self.stop(signal.Signals(info.si_signo).name)
                 return 0
+
+    def pass_on(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGUSR1:
+            from cgigate import logs
+            logs.reopen()
+            log.info("SIGUSR1: log files reopened")
+        elif self.on_hup is not None:
+            self.on_hup()
+        for pid in self.workers:
+            _signal(pid, sig)
 
     def spawn_worker(self, slot: int) -> None:
         pid = os.fork()
@@ -66,6 +82,10 @@ class Arbiter:
             return
         code = 1
         try:
+            # until the worker sets its own handlers, a reload or log reopening
+            # sent its way must not kill it (their default action)
+            for sig in (signal.SIGHUP, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             code = self.target(slot)
         except BaseException:

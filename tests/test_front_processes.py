@@ -75,3 +75,24 @@ def test_limits_are_divided_among_workers():
     share = worker_config(config)
     assert share.cgi.max_children == 4 and share.server.max_connections == 34
     assert config.cgi.max_children == 10   # the original is untouched
+
+
+def test_sighup_and_sigusr1_reach_every_front_process(daemon, tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"[server]\nprocesses = 2\n[[route]]\nprefix = \"/t/\"\ncgi_dir = \"{TEST_CGI_BIN}\"\n")
+    d = daemon("-c", str(conf))
+    before = sorted(pid for pid, _ in children_of(d.pid))
+    assert len(before) == 2
+    time.sleep(1.0)   # (both have their event loops and handlers up)
+    conf.write_text(conf.read_text() + '[[route]]\nprefix = "/ok/"\nreturn = "reloaded"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while d.error_text().count("reloaded: 2 route(s)") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.error_text().count("reloaded: 2 route(s)") == 2     # each front process
+    with requests.Session() as s:
+        assert {s.get(d.url + "/ok/", timeout=10).text for _ in range(20)} == {"reloaded"}
+    assert sorted(pid for pid, _ in children_of(d.pid)) == before   # nobody died of it
+    os.rename(d.error_log, d.error_log + ".1")
+    d.proc.send_signal(signal.SIGUSR1)
+    d.wait_for_log(r"SIGUSR1: log files reopened")

@@ -297,7 +297,60 @@ def test_reload_under_load_drops_nothing_and_serves_the_new_code(pool):
     assert {get(d, "/version").text.strip() for _ in range(10)} == {"v4"}
 
 
+def test_a_hung_worker_is_killed_by_the_supervisor(pool):
+    # SIGSTOP: the worker's own watchdog cannot act, so the supervisor must
+    d = pool("request_timeout = 1", workers=1)
+    sup = supervisor_of(d)
+    [hung] = wait_workers(sup, 1)
+    r = get(d, "/stop")
+    assert r.status_code == 502                       # its connection died with it
+    d.wait_for_log(rf"worker 0 \(pid {hung}\) is not answering: request GET /app/stop running for \d+s; "
+                   r"its Python stacks follow, then SIGTERM and SIGKILL after 2s")
+    d.wait_for_log(rf"worker 0 \(pid {hung}\) still running 2s after SIGTERM; SIGKILL")
+    wait_gone([hung], timeout=5)
+    [fresh] = wait_workers(sup, 1)
+    assert get(d, "/pid").text.strip() == str(fresh)
+
+
+def test_front_reload_applies_new_routes(pool):
+    d = pool(workers=1)
+    assert requests.get(d.url + "/health/", timeout=10).status_code == 404
+    d.config.write_text(d.config.read_text() + '\n[[route]]\nprefix = "/health/"\nreturn = "ok"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for_log(r"SIGHUP: config .* reloaded: 2 route\(s\)")
+    r = requests.get(d.url + "/health/", timeout=10)
+    assert (r.status_code, r.text) == (200, "ok")
+    d.wait_for_log(r"reload: generation 2 serving")     # and the pool reloaded its app
+    assert get(d, "/pid").status_code == 200
+
+
 # --- signals to a standalone pool ---
+
+def test_standalone_reload_reads_the_config_again(tmp_path):
+    sock = tmp_path / "pool.sock"
+    config = tmp_path / "pool.toml"
+    config.write_text(f'[fcgi]\napp = "{APP}"\nbind = ["unix:{sock}"]\nworkers = 2\n')
+    proc = subprocess.Popen([sys.executable, "-m", "cgigate", "fcgi", "-c", str(config),
+                             "--error-log", str(tmp_path / "error.log")], cwd=ROOT,
+                            env={**os.environ, "POOL_APP_DIR": str(tmp_path)})
+    try:
+        old = set(wait_workers(proc.pid, 2))
+        config.write_text(config.read_text().replace("workers = 2", "workers = 3"))
+        proc.send_signal(signal.SIGHUP)
+        new = set(wait_workers(proc.pid, 3))
+        assert not new & old, "the old generation should be gone"
+        config.write_text("[fcgi]\nworkers = 0\n")         # a broken file: keep serving
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "reload failed" not in (tmp_path / "error.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert re.search(r"reload failed: .*pool\.toml: \[fcgi\] workers: expected a whole number >= 1, "
+                         r"got 0; the running workers go on", (tmp_path / "error.log").read_text())
+        assert set(workers(proc.pid)) == new
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
 
 def test_ttin_ttou_usr1_and_quit(tmp_path):
     sock = tmp_path / "pool.sock"

@@ -76,7 +76,7 @@ class Server:
             routes.append((prefix_segments, handler))
         return routes
 
-    def reload(self, apps: AppPools) -> None:
+    def reload(self, apps: AppPools | None) -> None:
         """SIGHUP: the config file again for the routes, and each app pool reloads
         its app (new workers first, then the old ones finish their requests)."""
         from cgigate import cli
@@ -100,12 +100,15 @@ class Server:
                     if route.kind == "app":
                         running = next(r for r in self.config.routes if r.kind == "app" and r.prefix == route.prefix)
                         route.fastcgi, route.scoreboard = running.fastcgi, running.scoreboard
+                if new.server.processes > 1:
+                    new = worker_config(new)
                 self.routes = self.build_routes(new)
                 self.config = new
                 self.status = StatusHandler(self, new.status) if new.status.path or new.status.ping_path \
                     else None
                 log.info("SIGHUP: config %s reloaded: %d route(s)", source, len(self.routes))
-        apps.reload()
+        if apps is not None:   # (under --processes the arbiter tells them)
+            apps.reload()
 
     def match(self, segments: list[bytes]):
         for prefix, handler in self.routes:
@@ -241,10 +244,9 @@ async def serve(config: Config, listeners, announce: bool = True, apps: AppPools
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    if apps is not None:
-        # queued to the loop: the handler runs as an ordinary callback, not inside the signal
-        loop.add_signal_handler(signal.SIGHUP, server.reload, apps)
-        loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, apps)
+    # queued to the loop: the handlers run as ordinary callbacks, not inside the signal
+    loop.add_signal_handler(signal.SIGHUP, server.reload, apps)
+    loop.add_signal_handler(signal.SIGUSR1, _reopen_logs, apps)
     # Everything allocated so far lives as long as the daemon: keep the
     # cyclic garbage collector from walking it again on every collection.
     gc.collect()
@@ -260,10 +262,11 @@ async def serve(config: Config, listeners, announce: bool = True, apps: AppPools
     return 0
 
 
-def _reopen_logs(apps: AppPools) -> None:
+def _reopen_logs(apps: AppPools | None) -> None:
     logs.reopen()
-    log.info("SIGUSR1: log files reopened")
-    apps.signal(signal.SIGUSR1)
+    if apps is not None:   # (under --processes the arbiter tells them)
+        log.info("SIGUSR1: log files reopened")
+        apps.signal(signal.SIGUSR1)
 
 
 def _describe_routes(config: Config):
@@ -302,7 +305,7 @@ def run(config: Config) -> int:
             announce = [f"listening on {_url(address)}" for _, address in listeners] + _describe_routes(config)
             stop_timeout = config.server.graceful_timeout + config.cgi.kill_grace + 5
             return Arbiter(config.server.processes, lambda slot: run_loop(serve(share, listeners, False)),
-                           stop_timeout, announce).run()
+                           stop_timeout, announce, on_hup=apps.reload).run()
         return run_loop(serve(config, listeners, apps=apps))
     finally:
         apps.stop()

@@ -115,6 +115,9 @@ def _run_scripts(config, listeners, announce: list[str]) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)    # only record it
+        loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: CGI scripts are read at each "
+                                                               "request; nothing to reload"))
         await stop.wait()
         for listener in servers:
             listener.close()
@@ -226,7 +229,8 @@ def _run_app(config, listeners, announce: list[str], scoreboard_path: str | None
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)          # the supervisor's business
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        signal.signal(signal.SIGUSR1, lambda *_: logs.reopen())
+        reopen = threading.Event()
+        signal.signal(signal.SIGUSR1, lambda *_: reopen.set())   # only record it
         stacks = sys.stderr if error_log == "-" else open(error_log, "a")
         faulthandler.register(signal.SIGUSR2, file=stacks, all_threads=True)
         _title(f"worker {slot} pool={name} starting")
@@ -251,8 +255,10 @@ def _run_app(config, listeners, announce: list[str], scoreboard_path: str | None
             threading.Thread(target=worker.serve_forever, args=(sock,), daemon=True,
                              name="fcgi-accept").start()
         tracker.ready(worker)
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.2):
+            if reopen.is_set():
+                reopen.clear()
+                logs.reopen()
         worker.stop(s.graceful_timeout)
         tracker.stop()
         return 0

@@ -239,6 +239,9 @@ class PoolSupervisor:
             return True
         code = 1
         try:
+            # the supervisor's signals, not the worker's, until it sets its own handlers
+            for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+                signal.signal(sig, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             code = self.worker_main(slot, generation, s, self.board, max_requests)
         except BaseException:

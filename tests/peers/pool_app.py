@@ -3,6 +3,7 @@
     /pid            this worker's pid
     /sleep?S        sleep S seconds, then answer
     /grow?MB        keep MB more megabytes for the worker's lifetime
+    /stop           SIGSTOP this worker (a worker that hangs, watchdog and all)
     /version        the text of $POOL_APP_DIR/version, as it was when this
                     worker imported the app (a reload must change it)
 
@@ -11,6 +12,7 @@ the workers that start after the pool did.
 """
 
 import os
+import signal
 import time
 
 HERE = os.environ.get("POOL_APP_DIR", "")
@@ -34,6 +36,9 @@ def app(environ, start_response):
     elif path == "/grow":
         HELD.append(bytearray(int(query or 1) * 1024 * 1024))
         body = b"grown\n"
+    elif path == "/stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+        body = b"continued\n"
     elif path == "/version":
         body = VERSION.encode() + b"\n"
     else:

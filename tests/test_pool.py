@@ -230,7 +230,7 @@ def test_dynamic_grows_under_load_counts_the_maximum_and_shrinks(pool):
     d = pool('pm = "dynamic"\nmin_spare = 1\nmax_spare = 2', workers=4)
     sup = supervisor_of(d)
     wait_workers(sup, 1)
-    load = Load(d, "/sleep?0.3", threads=6)
+    load = Load(d, "/sleep?0.3", threads=10)
     wait_workers(sup, 4, timeout=10)
     time.sleep(1.0)
     assert len(workers(sup)) <= 4

@@ -202,7 +202,7 @@ def _run_app(config, listeners, announce: list[str], scoreboard_path: str | None
     import faulthandler
     from cgigate.worker import pool as P
     from cgigate.worker.scoreboard import Scoreboard
-    from cgigate.worker.server import Worker
+    from cgigate.worker.server import CONNECTIONS_PER_THREAD, Worker
     from cgigate.worker.watchdog import RequestTracker
 
     settings = config.fcgi
@@ -246,9 +246,9 @@ def _run_app(config, listeners, announce: list[str], scoreboard_path: str | None
         except BaseException as e:
             log.error("%s: cannot load the app: %s", label, e)
             return 3
-        worker = Worker(app, threads=s.threads, max_conns=s.threads, multiprocess=True,
+        worker = Worker(app, threads=s.threads, multiprocess=True,
                         idle_timeout=settings.idle_timeout, allow=AllowList(settings.allowed_clients),
-                        advertised_conns=s.workers * s.threads, tracker=tracker,
+                        advertised_conns=s.workers * s.threads * CONNECTIONS_PER_THREAD, tracker=tracker,
                         special=_status_answers(settings, board))
         _freeze_heap()
         for sock, _ in listeners:

@@ -264,6 +264,13 @@ class Connection:
             self._close_locked()
 
 
+# Connections a worker takes per application thread.  With one, every request
+# waits for the web server to answer the last one before it is sent; with two,
+# the next waits in the worker's socket instead, and a busy worker still
+# leaves most new connections to idle ones.
+CONNECTIONS_PER_THREAD = 2
+
+
 def _waiting(listener: socket.socket) -> bool:
     """Does a connection wait to be accepted?"""
     try:
@@ -275,9 +282,10 @@ def _waiting(listener: socket.socket) -> bool:
 class Worker:
     """Serves a listening socket until `stop()`; in-flight requests finish first.
 
-    It accepts at most `threads` connections at a time (a web server that does
-    not multiplex puts one request at a time on each), so a busy worker leaves
-    new connections to an idle one, as php-fpm's do; when it is full and a
+    It accepts at most CONNECTIONS_PER_THREAD x `threads` connections at a time
+    (a web server that does not multiplex puts one request at a time on each),
+    so a busy worker leaves new connections to idle ones, as php-fpm's do
+    (those take one each); when it is full and a
     connection waits, it closes its idlest connection that carries no request
     (which php-fpm does not: there, a web server keeping more idle connections
     than the pool has workers leaves requests waiting).  FCGI_MAX_CONNS tells
@@ -291,7 +299,7 @@ class Worker:
         self.app = app
         self.allow = allow            # a listeners.AllowList for TCP peers; None: everyone
         self.threads = threads
-        self.max_conns = max_conns or threads
+        self.max_conns = max_conns or CONNECTIONS_PER_THREAD * threads
         self.advertised_conns = advertised_conns or self.max_conns
         self.multiprocess = multiprocess
         self.idle_timeout = idle_timeout

@@ -67,6 +67,7 @@ class RequestTracker:
         self.served = 0
         self.active = 0
         self.retiring = ""
+        self._shown = ""                      # the state in the process title
         self.lock = threading.Lock()
         self._stop = threading.Event()
         if board is not None:
@@ -88,8 +89,6 @@ class RequestTracker:
                 method, _, uri = request.describe().partition(" ")
                 self.board.write_slot(self.slot, state=sb.BUSY, active=self.active, method=method, uri=uri,
                                       request_start=request.started)
-        if self._title is not None:
-            self._title("busy")
 
     def finished(self, request) -> None:
         with self.lock:
@@ -102,8 +101,6 @@ class RequestTracker:
                                   method="", uri="")
                 self.board.write_slot(self.slot, **fields)
             served = self.served
-        if self._title is not None and self.active == 0:
-            self._title("exiting" if self.retiring else "idle")
         if self.max_requests and served >= self.max_requests:
             self.retire(f"served {served} requests (max_requests)", recycled=True)
 
@@ -130,7 +127,8 @@ class RequestTracker:
         if self.board is not None:
             self.board.write_slot(self.slot, state=state, heartbeat=time.monotonic())
         if self._title is not None:
-            self._title(sb.STATE_NAMES[state])
+            self._shown = sb.STATE_NAMES[state]
+            self._title(self._shown)
 
     def _watch(self) -> None:
         while not self._stop.wait(TICK):
@@ -140,6 +138,11 @@ class RequestTracker:
                 log.exception("%s: watchdog failed", self.label)
 
     def tick(self) -> None:
+        if self._title is not None:   # here, not per request: ps may lag by a tick
+            state = "exiting" if self.retiring else "busy" if self.active else "idle"
+            if state != self._shown:
+                self._shown = state
+                self._title(state)
         rss = rss_kib()
         if self.board is not None:
             self.board.write_slot(self.slot, heartbeat=time.monotonic(), rss_kib=rss)

@@ -14,6 +14,8 @@ all).
 - SIGTERM or SIGINT: pass SIGTERM to every worker (each stops gracefully,
   finishing its requests), wait for them, SIGKILL any that outlive
   `stop_timeout` seconds, exit 0.
+- SIGQUIT: the same, at once: SIGQUIT to every worker (each cuts what runs),
+  SIGKILL after 5 s.
 - SIGHUP: `on_hup()` in the arbiter (the front reloads its app pools), then
   SIGHUP to every worker (each reloads what it can).
 - SIGUSR1: reopen the log files, here and in every worker.
@@ -29,7 +31,7 @@ from typing import Callable
 
 log = logging.getLogger("cgigate.error")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP, signal.SIGUSR1}
 RESTART_DELAY = 1.0
 
 
@@ -121,15 +123,16 @@ class Arbiter:
 
     def stop(self, reason: str) -> None:
         self.stopping = True
-        log.info("%s: stopping %d worker(s) gracefully", reason, len(self.workers))
+        now = reason == "SIGQUIT"
+        log.info("%s: stopping %d worker(s) %s", reason, len(self.workers), "now" if now else "gracefully")
         for pid in self.workers:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout
+            _signal(pid, signal.SIGQUIT if now else signal.SIGTERM)
+        deadline = time.monotonic() + (5 if now else self.stop_timeout)
         while self.workers and time.monotonic() < deadline:
             signal.sigtimedwait({signal.SIGCHLD}, 0.2)
             self.reap()
         for pid in list(self.workers):
-            log.error("worker pid %d still running %gs after SIGTERM; SIGKILL", pid, self.stop_timeout)
+            log.error("worker pid %d still running after %s; SIGKILL", pid, "SIGQUIT" if now else "SIGTERM")
             _signal(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self.workers.clear()

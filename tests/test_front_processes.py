@@ -7,7 +7,7 @@ import time
 
 import requests
 
-from conftest import SAMPLE_CGI_BIN, TEST_CGI_BIN, children_of
+from conftest import SAMPLE_CGI_BIN, TEST_CGI_BIN, children_of, wait_gone
 
 
 def live_workers(d) -> list[int]:
@@ -96,3 +96,27 @@ def test_sighup_and_sigusr1_reach_every_front_process(daemon, tmp_path):
     os.rename(d.error_log, d.error_log + ".1")
     d.proc.send_signal(signal.SIGUSR1)
     d.wait_for_log(r"SIGUSR1: log files reopened")
+
+
+def test_sigquit_stops_at_once(daemon, tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"[server]\nprocesses = 2\ngraceful_timeout = 30\n"
+                    f"[[route]]\nprefix = \"/t/\"\ncgi_dir = \"{TEST_CGI_BIN}\"\n")
+    d = daemon("-c", str(conf))
+    workers = [pid for pid, _ in children_of(d.pid)]
+    outcome = []
+
+    def slow_request():
+        try:
+            outcome.append(requests.get(d.url + "/t/front_sleep_then_answer.sh?20", timeout=30).status_code)
+        except requests.RequestException as e:
+            outcome.append(type(e).__name__)
+
+    slow = threading.Thread(target=slow_request)
+    slow.start()
+    time.sleep(0.5)
+    d.proc.send_signal(signal.SIGQUIT)
+    assert d.proc.wait(15) == 0      # SIGTERM would wait for the 20 s script (grace 30 s)
+    slow.join()
+    assert outcome != [200], "the running request was let finish"
+    wait_gone(workers)

@@ -143,7 +143,8 @@ def test_full_queue_gets_503_and_is_counted(front):
         r = requests.get(f"{d.url}/app/sleep?1", timeout=30)
         results.append((r.status_code, r.headers.get("Retry-After")))
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
+    # 1 worker takes 2 connections, the front queues 1 more: the rest get 503
+    threads = [threading.Thread(target=client) for _ in range(5)]
     for t in threads:
         t.start()
         time.sleep(0.05)
@@ -158,8 +159,9 @@ def test_full_queue_gets_503_and_is_counted(front):
 
 def test_max_children_reached_is_counted(front):
     d = front(fcgi='pm = "dynamic"\nmin_spare = 1\nmax_spare = 1', workers=2)
+    # more than one worker's two connections: both workers end up busy
     threads = [threading.Thread(target=requests.get, args=(f"{d.url}/app/sleep?1.5",), kwargs={"timeout": 30})
-               for _ in range(3)]
+               for _ in range(5)]
     for t in threads:
         t.start()
     for t in threads:

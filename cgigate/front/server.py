@@ -190,7 +190,8 @@ class Server:
             self.addresses.append(_url(address))
 
     async def stop(self, reason: str) -> None:
-        grace = self.config.server.graceful_timeout
+        # SIGQUIT: now, cutting what runs; otherwise running requests get graceful_timeout
+        grace = 0.0 if reason == "SIGQUIT" else self.config.server.graceful_timeout
         self.shutting_down = True
         for listener in self.listeners:
             listener.close()
@@ -242,7 +243,7 @@ async def serve(config: Config, listeners, announce: bool = True, apps: AppPools
         received.append(sig.name)   # only record it; the main loop acts
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(sig, on_signal, sig)
     # queued to the loop: the handlers run as ordinary callbacks, not inside the signal
     loop.add_signal_handler(signal.SIGHUP, server.reload, apps)
@@ -258,6 +259,8 @@ async def serve(config: Config, listeners, announce: bool = True, apps: AppPools
             log.info("%s", line)
     await stop.wait()
     await server.stop(received[0])
+    if received[0] == "SIGQUIT" and apps is not None:
+        apps.signal(signal.SIGQUIT)   # its pools stop at once too
     log.info("stopped")
     return 0
 

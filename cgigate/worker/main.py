@@ -113,15 +113,17 @@ def _run_scripts(config, listeners, announce: list[str]) -> int:
                    for sock, _ in listeners]
         _freeze_heap()
         stop = asyncio.Event()
+        now = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)    # only record it
+        loop.add_signal_handler(signal.SIGQUIT, lambda: (now.append(True), stop.set()))
         loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
         loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: CGI scripts are read at each "
                                                                "request; nothing to reload"))
         await stop.wait()
         for listener in servers:
             listener.close()
-        deadline = loop.time() + settings.graceful_timeout
+        deadline = loop.time() + (0 if now else settings.graceful_timeout)
         while server.running and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if server.running:
@@ -228,7 +230,7 @@ def _run_app(config, listeners, announce: list[str], scoreboard_path: str | None
             signal.signal(sig, lambda *_: stop.set())   # only record it
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)          # the supervisor's business
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))   # immediate stop: nothing to finish
         reopen = threading.Event()
         signal.signal(signal.SIGUSR1, lambda *_: reopen.set())   # only record it
         stacks = sys.stderr if error_log == "-" else open(error_log, "a")

@@ -264,10 +264,14 @@ class Connection:
             self._close_locked()
 
 
-# Connections a worker takes per application thread.  With one, every request
-# waits for the web server to answer the last one before it is sent; with two,
-# the next waits in the worker's socket instead, and a busy worker still
-# leaves most new connections to idle ones.
+# Connections a worker takes per application thread.  Few, so that a busy
+# worker leaves new connections to idle ones and a dynamic or ondemand pool
+# spreads its load over the workers it starts (php-fpm's children take one).
+# Two rather than one: the next request waits in the worker's socket, not at
+# the web server.  The price, where cgigate's front is the busiest process (a
+# hello world, benchmarks/wsgi_bench.py at concurrency 16): 2, 4 and 8 gave
+# 0.71x, 0.79x and 0.86x of flup behind the same front, which keeps 16
+# connections with its requests queued inside.
 CONNECTIONS_PER_THREAD = 2
 
 
@@ -389,16 +393,21 @@ class Worker:
             self.connections.discard(conn)
             self._slots.release()
 
-    def stop(self, grace: float) -> None:
-        """Stop accepting, let running requests finish for up to `grace` seconds.
-        A connection with no request on it is closed at once, one with a request
-        when that ends (a web server reusing it then sees it closed before any
-        answer, and tries another)."""
+    def drain(self) -> None:
+        """Stop accepting and taking new requests at once; the requests running
+        finish (a worker retiring itself: stop() follows from its main thread)."""
         self._stopping.set()
         for conn in list(self.connections):
             with conn.lock:
                 if not conn.requests:
                     conn._close_locked()
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, let running requests finish for up to `grace` seconds.
+        A connection with no request on it is closed at once, one with a request
+        when that ends (a web server reusing it then sees it closed before any
+        answer, and tries another)."""
+        self.drain()
         with self.busy:
             if not self.busy.wait_for(lambda: self.running - self.stuck <= 0, timeout=grace):
                 log.warning("graceful timeout: %d request(s) still running are cut", self.running)

@@ -115,6 +115,8 @@ class RequestTracker:
                 self.board.write_slot(self.slot, state=sb.EXITING if self.active == 0 else sb.BUSY)
         log.info("%s %s: finishing its requests and exiting%s", self.label, reason,
                  "; the supervisor starts another" if recycled else "")
+        if self.worker is not None:
+            self.worker.drain()      # no request more, from now
         if self._retire is not None:
             self._retire(reason)
 

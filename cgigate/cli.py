@@ -21,7 +21,9 @@ examples:
 
 Flags override the config file.  Every [server] and [cgi] key of the file is
 documented in conf/cgigate.toml; `cgigate check-config -c FILE` shows what a
-file would serve.  SIGTERM or SIGINT stops gracefully."""
+file would serve.  SIGTERM or SIGINT stops gracefully, SIGQUIT at once;
+SIGHUP reloads the config's routes and the apps; SIGUSR1 reopens the logs.
+`[status] path` turns on a status page (JSON, ?html, ?prometheus)."""
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser, names) -> None:
@@ -49,8 +51,10 @@ nginx:  location / { include fastcgi_params; fastcgi_pass 127.0.0.1:9000; }
         location /cgi-bin/ { include fastcgi_params; fastcgi_pass unix:/run/cgigate/cgi.sock;
             fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name; }
 Working server blocks: conf/nginx/.  Under systemd socket activation (LISTEN_FDS)
-the passed sockets replace --bind.  SIGTERM or SIGINT stops gracefully; a worker
-that dies is replaced.  With --cgi-dir the [cgi] settings apply (timeout,
+the passed sockets replace --bind.  A worker that dies is replaced.  Signals:
+SIGTERM or SIGINT stop gracefully, SIGQUIT at once; SIGHUP reloads the config
+and the app (new workers first); SIGUSR1 reopens the logs; SIGTTIN/SIGTTOU
+add or remove a worker.  --pm chooses static, dynamic or ondemand.  With --cgi-dir the [cgi] settings apply (timeout,
 max_children, env_pass, interpreters, limits); give them in a config file."""
 
 

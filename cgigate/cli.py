@@ -54,8 +54,9 @@ Working server blocks: conf/nginx/.  Under systemd socket activation (LISTEN_FDS
 the passed sockets replace --bind.  A worker that dies is replaced.  Signals:
 SIGTERM or SIGINT stop gracefully, SIGQUIT at once; SIGHUP reloads the config
 and the app (new workers first); SIGUSR1 reopens the logs; SIGTTIN/SIGTTOU
-add or remove a worker.  --pm chooses static, dynamic or ondemand.  With --cgi-dir the [cgi] settings apply (timeout,
-max_children, env_pass, interpreters, limits); give them in a config file."""
+add or remove a worker.  --pm chooses static, dynamic or ondemand.
+With --cgi-dir the [cgi] settings apply (timeout, max_children, env_pass,
+interpreters, limits); give them in a config file."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -409,7 +409,7 @@ SETTINGS: tuple[Setting, ...] = (
       flag="--socket-group", metavar="GROUP"),
     S("fcgi", "max_conns", to_positive_count, 64,
       "CGI mode: FastCGI connections one worker serves at once (its FCGI_MAX_CONNS).  An app worker "
-      "takes two per thread at a time.", flag="--max-conns", metavar="N"),
+      "takes up to eight per thread, idle workers first.", flag="--max-conns", metavar="N"),
     S("fcgi", "idle_timeout", to_seconds, 60.0,
       "Seconds a connection may sit idle, or stall inside a record, before it is closed."),
     S("fcgi", "graceful_timeout", to_seconds, 30.0,

@@ -264,12 +264,12 @@ def test_stderr_records(fcgi):
 
 @pytest.mark.parametrize("threads,mpxs", [(1, b"0"), (4, b"1")])
 def test_get_values_truthfully(fcgi, threads, mpxs):
-    # FCGI_MAX_CONNS is the whole pool's: each of the 3 workers takes 2 x `threads` connections
+    # FCGI_MAX_CONNS is the whole pool's: each of the 3 workers takes 8 x `threads` connections
     d = fcgi("--workers", "3", "--threads", str(threads))
     c = Client(d)
     c.send(c.conn.get_values([r.MAX_CONNS, r.MAX_REQS, r.MPXS_CONNS, b"FCGI_NOT_A_VARIABLE"]))
     found = c.events(lambda evs: any(isinstance(e, ev.ValuesResult) for e in evs))
-    assert found[0] == ev.ValuesResult(0, ((r.MAX_CONNS, str(3 * 2 * threads).encode()),
+    assert found[0] == ev.ValuesResult(0, ((r.MAX_CONNS, str(3 * 8 * threads).encode()),
                                            (r.MAX_REQS, str(threads).encode()), (r.MPXS_CONNS, mpxs)))
     c.send(r.encode_record(42, 0, b"?"))
     found = c.events(lambda evs: any(isinstance(e, ev.UnknownTypeReply) for e in evs))

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from conftest import ROOT, TEST_CGI_BIN, require_program
-from test_pool import supervisor_of, wait_workers
+from test_pool import Load, supervisor_of, wait_workers
 
 APP = "tests.peers.pool_app:app"
 METRIC_LINE = re.compile(r'cgigate_[a-z_]+(\{([a-z_]+="[^"]*",?)+\})? -?[0-9.e+]+')
@@ -140,18 +140,18 @@ def test_full_queue_gets_503_and_is_counted(front):
     results = []
 
     def client():
-        r = requests.get(f"{d.url}/app/sleep?1", timeout=30)
+        r = requests.get(f"{d.url}/app/sleep?0.2", timeout=30)
         results.append((r.status_code, r.headers.get("Retry-After")))
 
-    # 1 worker takes 2 connections, the front queues 1 more: the rest get 503
-    threads = [threading.Thread(target=client) for _ in range(5)]
+    # the worker takes 8 connections (FCGI_MAX_CONNS), the front queues 1 more:
+    # of 12 at once, the rest get 503
+    threads = [threading.Thread(target=client) for _ in range(12)]
     for t in threads:
         t.start()
-        time.sleep(0.05)
     for t in threads:
         t.join()
     codes = sorted(code for code, _ in results)
-    assert codes.count(503) >= 1 and codes.count(200) >= 2, results
+    assert codes.count(503) >= 1 and codes.count(200) >= 9, results
     assert all(after == "1" for code, after in results if code == 503)
     queue = status(d).json()["pools"][0]["queue"]
     assert queue["queue_full"] == codes.count(503) and queue["peak_waiting"] == 1
@@ -159,13 +159,11 @@ def test_full_queue_gets_503_and_is_counted(front):
 
 def test_max_children_reached_is_counted(front):
     d = front(fcgi='pm = "dynamic"\nmin_spare = 1\nmax_spare = 1', workers=2)
-    # more than one worker's two connections: both workers end up busy
-    threads = [threading.Thread(target=requests.get, args=(f"{d.url}/app/sleep?1.5",), kwargs={"timeout": 30})
-               for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    load = Load(d, "/sleep?0.2", threads=6)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not status(d).json()["pools"][0]["max_children_reached"]:
+        time.sleep(0.2)
+    assert set(load.stop()) == {200}
     assert status(d).json()["pools"][0]["max_children_reached"] >= 1
 
 

@@ -9,8 +9,9 @@ scoreboard says each worker is doing:
                (more are started while fewer are idle) and at most `max_spare`
                (one idle worker a second is stopped while more are), and never
                more than `workers` in all.
-    ondemand   none at first; one is started when a connection waits and no
-               worker is idle; a worker idle for `idle_worker_timeout` stops.
+    ondemand   none at first; one is started when no worker is idle and a
+               connection waits or every worker is busy; a worker idle for
+               `idle_worker_timeout` stops.
 
 When every worker is busy and no more may start, the pool counts "max
 children reached" (once per time it happens), and connections wait in the
@@ -361,6 +362,9 @@ class PoolSupervisor:
         states = {c.pid: self.board.read_slot(c.slot)["state"] for c in live}
         idle = [c for c in live if states[c.pid] == sb.IDLE]
         starting = [c for c in live if states[c.pid] == sb.STARTING]
+        # Workers that served nothing for a whole tick: the busy ones give connections
+        # back to these (a worker idle between two tiny requests does not count).
+        self.board.set_header(idle_workers=sum(1 for c in idle if now - c.idle_since >= 2 * TICK))
         if s.pm == "static":
             for _ in range(s.workers - len(live)):
                 if not self.spawn():
@@ -386,8 +390,8 @@ class PoolSupervisor:
                 self.last_scale_down = now
                 self.retire(max(idle, key=lambda c: now - c.idle_since), f"more than {s.max_spare} idle")
             return
-        # ondemand
-        if not idle and not starting and self._waiting():
+        # ondemand: a worker more when one is needed: a connection waits, or all are busy
+        if not idle and not starting and (self._waiting() or live):
             if len(live) < s.workers:
                 self.spawn()
             else:

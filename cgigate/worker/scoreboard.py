@@ -25,7 +25,7 @@ import threading
 import time
 
 # header: pool, mode, started (wall clock), then counters kept by the supervisor
-HEADER = struct.Struct("<64s16sd" + "Q" * 8 + "IIB")
+HEADER = struct.Struct("<64s16sd" + "Q" * 8 + "IIIB")
 HEADER_COUNTERS = ("retired_requests", "retired_slow", "retired_timed_out", "max_children_reached",
                    "recycled", "crashed", "restarts", "reloads")
 # slot: seq, pid, state, generation, started, requests, slow, timed_out,
@@ -83,7 +83,7 @@ class Scoreboard:
                 os.close(fd)
         board = cls(mm, slots)
         HEADER.pack_into(mm, 0, pool.encode()[:64], mode.encode()[:16], time.time(),
-                         *([0] * len(HEADER_COUNTERS)), slots, 0, 1)
+                         *([0] * len(HEADER_COUNTERS)), slots, 0, 0, 1)
         return board
 
     @classmethod
@@ -95,7 +95,7 @@ class Scoreboard:
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        slots = HEADER.unpack_from(mm, 0)[-3]
+        slots = HEADER.unpack_from(mm, 0)[-4]
         return cls(mm, slots)
 
     # --- the header (the supervisor's) ---
@@ -104,12 +104,13 @@ class Scoreboard:
         values = HEADER.unpack_from(self.mm, 0)
         out = {"pool": _text(values[0]), "mode": _text(values[1]), "started": values[2]}
         out.update(zip(HEADER_COUNTERS, values[3:3 + len(HEADER_COUNTERS)]))
-        out["slots"], out["target_workers"], out["healthy"] = values[-3], values[-2], bool(values[-1])
+        out["slots"], out["target_workers"], out["idle_workers"] = values[-4], values[-3], values[-2]
+        out["healthy"] = bool(values[-1])
         return out
 
     def set_header(self, **fields) -> None:
         values = list(HEADER.unpack_from(self.mm, 0))
-        names = ["pool", "mode", "started", *HEADER_COUNTERS, "slots", "target_workers", "healthy"]
+        names = ["pool", "mode", "started", *HEADER_COUNTERS, "slots", "target_workers", "idle_workers", "healthy"]
         for name, value in fields.items():
             i = names.index(name)
             values[i] = value.encode()[:64] if isinstance(value, str) else int(value) \
@@ -119,6 +120,12 @@ class Scoreboard:
     def add(self, **counters) -> None:
         head = self.header()
         self.set_header(**{name: head[name] + n for name, n in counters.items()})
+
+    _IDLE_AT = HEADER.size - 5        # idle_workers: the I before the final B
+
+    def idle_workers(self) -> int:
+        """How many workers were idle at the supervisor's last look (cheap: one field)."""
+        return struct.unpack_from("<I", self.mm, self._IDLE_AT)[0]
 
     # --- the slots ---
 

@@ -168,7 +168,8 @@ class Connection:
             except OSError:
                 self._close_locked()
                 return
-            if (self.fcgi.close_after or self.worker.stopping) and not self.requests:
+            if not self.requests and (self.fcgi.close_after or self.worker.stopping
+                                      or self.worker.should_give_back()):
                 self._close_locked()
 
     def answer_instead(self, request: _Request, status: str, text: str) -> bool:
@@ -264,21 +265,22 @@ class Connection:
             self._close_locked()
 
 
-# Connections a worker takes per application thread.  Few, so that a busy
-# worker leaves new connections to idle ones and a dynamic or ondemand pool
-# spreads its load over the workers it starts (php-fpm's children take one).
-# Two rather than one: the next request waits in the worker's socket, not at
-# the web server.  The price, where cgigate's front is the busiest process (a
-# hello world, benchmarks/wsgi_bench.py at concurrency 16): 2, 4 and 8 gave
-# 0.71x, 0.79x and 0.86x of flup behind the same front, which keeps 16
-# connections with its requests queued inside.
-CONNECTIONS_PER_THREAD = 2
+# Connections a worker takes per application thread.  Web servers keep
+# connections open (nginx's keepalive, cgigate's front), one request at a time
+# on each: with one per thread, as php-fpm's children, the rest wait unaccepted
+# (measured here: behind nginx with keepalive, requests stalled for seconds;
+# behind cgigate's front, which then queues them itself, 0.71x of flup).  So a
+# worker takes several, but an idle worker gets a new connection first (a busy
+# one waits IDLE_FIRST before taking it), and a worker holding more than its
+# threads gives a connection back, after its request, while another is idle.
+CONNECTIONS_PER_THREAD = 8
+IDLE_FIRST = 0.01
 
 
-def _waiting(listener: socket.socket) -> bool:
-    """Does a connection wait to be accepted?"""
+def _waiting(listener: socket.socket, timeout: float = 0) -> bool:
+    """Does a connection wait to be accepted (within `timeout` seconds)?"""
     try:
-        return bool(select.select([listener], [], [], 0)[0])
+        return bool(select.select([listener], [], [], timeout)[0])
     except (OSError, ValueError):
         return False
 
@@ -286,14 +288,12 @@ def _waiting(listener: socket.socket) -> bool:
 class Worker:
     """Serves a listening socket until `stop()`; in-flight requests finish first.
 
-    It accepts at most CONNECTIONS_PER_THREAD x `threads` connections at a time
-    (a web server that does not multiplex puts one request at a time on each),
-    so a busy worker leaves new connections to idle ones, as php-fpm's do
-    (those take one each); when it is full and a
-    connection waits, it closes its idlest connection that carries no request
-    (which php-fpm does not: there, a web server keeping more idle connections
-    than the pool has workers leaves requests waiting).  FCGI_MAX_CONNS tells
-    the web server how many the whole pool takes (`advertised_conns`).
+    It accepts up to CONNECTIONS_PER_THREAD x `threads` connections (a web
+    server that does not multiplex puts one request at a time on each), idle
+    workers first, and gives connections back while others are idle (see
+    CONNECTIONS_PER_THREAD); when it is full and a connection waits, it closes
+    its idlest connection that carries no request.  FCGI_MAX_CONNS tells the
+    web server how many the whole pool takes (`advertised_conns`).
     `tracker` (a watchdog.RequestTracker) hears of every request's start and
     end: the scoreboard, recycling and timeouts hang on it."""
 
@@ -311,6 +311,7 @@ class Worker:
         self.special = special        # params -> (status, content type, body) or None: answers not the app's
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
         self.connections: set[Connection] = set()
+        self.listeners: list[socket.socket] = []
         self.running = 0                     # requests between PARAMS and END_REQUEST
         self.stuck = 0                       # of those, timed out with their app call still running
         self.active: dict[int, _Request] = {}   # id() -> request, while the app runs it
@@ -342,6 +343,7 @@ class Worker:
 
     def serve_forever(self, listener: socket.socket) -> None:
         """Accept from `listener` until stop(); run one such thread per listener."""
+        self.listeners.append(listener)
         listener.settimeout(0.5)
         while not self._stopping.is_set():
             if not self._slots.acquire(timeout=0.2):
@@ -350,6 +352,9 @@ class Worker:
                 # waiting behind them: close our idlest to take it.
                 if _waiting(listener):
                     self._reclaim_idle()
+                continue
+            if self._busy() and not self._left_over(listener):
+                self._slots.release()
                 continue
             try:
                 sock, peer = listener.accept()
@@ -376,6 +381,24 @@ class Worker:
             self.connections.add(conn)
             threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
                              name=f"fcgi-conn-{sock.fileno()}").start()
+
+    def should_give_back(self) -> bool:
+        """More connections than threads while another worker is idle: the web
+        server's next connection will find that one (see CONNECTIONS_PER_THREAD)."""
+        tracker = self.tracker
+        return (len(self.connections) > self.threads and tracker is not None and tracker.board is not None
+                and tracker.board.idle_workers() > 0)
+
+    def _busy(self) -> bool:
+        return self.running > 0 and len(self.connections) >= self.threads
+
+    @staticmethod
+    def _left_over(listener: socket.socket) -> bool:
+        """For a busy worker: a connection that no idle worker took within IDLE_FIRST?"""
+        if not _waiting(listener, 0.2):
+            return False
+        time.sleep(IDLE_FIRST)
+        return _waiting(listener)
 
     def _reclaim_idle(self) -> None:
         idle = [conn for conn in list(self.connections) if not conn.requests and not conn.closed]

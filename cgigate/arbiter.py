@@ -74,7 +74,7 @@ class Arbiter:
         elif self.on_hup is not None:
             self.on_hup()
         for pid in self.workers:
-            _signal(pid, sig)
+            send_signal(pid, sig)
 
     def spawn_worker(self, slot: int) -> None:
         pid = os.fork()
@@ -82,28 +82,12 @@ class Arbiter:
             self.workers[pid] = (slot, time.monotonic())
             log.info("worker %d started (pid %d)", slot, pid)
             return
-        code = 1
-        try:
-            # until the worker sets its own handlers, a reload or log reopening
-            # sent its way must not kill it (their default action)
-            for sig in (signal.SIGHUP, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-            code = self.target(slot)
-        except BaseException:
-            log.exception("worker %d (pid %d) failed", slot, os.getpid())
-        finally:
-            logging.shutdown()
-            os._exit(code)
+        # until the worker sets its own handlers, a reload or log reopening
+        # sent its way must not kill it (their default action)
+        run_in_child(slot, SIGNALS, (signal.SIGHUP, signal.SIGUSR1), lambda: self.target(slot))
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             slot, started = self.workers.pop(pid, (None, 0.0))
             if slot is None or self.stopping:
                 continue
@@ -126,20 +110,49 @@ class Arbiter:
         now = reason == "SIGQUIT"
         log.info("%s: stopping %d worker(s) %s", reason, len(self.workers), "now" if now else "gracefully")
         for pid in self.workers:
-            _signal(pid, signal.SIGQUIT if now else signal.SIGTERM)
+            send_signal(pid, signal.SIGQUIT if now else signal.SIGTERM)
         deadline = time.monotonic() + (5 if now else self.stop_timeout)
         while self.workers and time.monotonic() < deadline:
             signal.sigtimedwait({signal.SIGCHLD}, 0.2)
             self.reap()
         for pid in list(self.workers):
             log.error("worker pid %d still running after %s; SIGKILL", pid, "SIGQUIT" if now else "SIGTERM")
-            _signal(pid, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self.workers.clear()
         log.info("stopped")
 
 
-def _signal(pid: int, signum: int) -> None:
+def run_in_child(slot: int, blocked, ignored, target) -> None:
+    """In a freshly forked worker: ignore `ignored` (its parent's business until
+    it sets handlers of its own), unblock `blocked`, run `target()` and exit with
+    what it returns; never returns."""
+    code = 1
+    try:
+        for sig in ignored:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        code = target()
+    except BaseException:
+        log.exception("worker %d (pid %d) failed", slot, os.getpid())
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def reaped():
+    """(pid, wait status) of every child that has exited, without blocking."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
+def send_signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
     except ProcessLookupError:

@@ -53,6 +53,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from cgigate import logs
+from cgigate.arbiter import reaped, run_in_child, send_signal
 from cgigate.worker import scoreboard as sb
 
 log = logging.getLogger("cgigate.error")
@@ -199,7 +200,7 @@ class PoolSupervisor:
             logs.reopen()
             log.info("SIGUSR1: log files reopened")
             for child in self.children.values():
-                _signal(child.pid, signal.SIGUSR1)
+                send_signal(child.pid, signal.SIGUSR1)
         elif sig in (signal.SIGTTIN, signal.SIGTTOU):
             more = sig == signal.SIGTTIN
             workers = self.settings.workers + (1 if more else -1)
@@ -238,27 +239,12 @@ class PoolSupervisor:
             log.info("worker %d started (pid %d)%s", slot, pid,
                      f", generation {generation}" if generation > 1 else "")
             return True
-        code = 1
-        try:
-            # the supervisor's signals, not the worker's, until it sets its own handlers
-            for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
-                signal.signal(sig, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-            code = self.worker_main(slot, generation, s, self.board, max_requests)
-        except BaseException:
-            log.exception("worker %d (pid %d) failed", slot, os.getpid())
-        finally:
-            logging.shutdown()
-            os._exit(code)
+        # the supervisor's signals, not the worker's, until it sets its own handlers
+        run_in_child(slot, SIGNALS, (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU),
+                     lambda: self.worker_main(slot, generation, s, self.board, max_requests))
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             child = self.children.pop(pid, None)
             if child is None:
                 continue
@@ -317,7 +303,7 @@ class PoolSupervisor:
                 if now - child.term_at > s.kill_grace:
                     log.error("worker %d (pid %d) still running %gs after SIGTERM; SIGKILL",
                               child.slot, child.pid, s.kill_grace)
-                    _signal(child.pid, signal.SIGKILL)
+                    send_signal(child.pid, signal.SIGKILL)
                     child.term_at = float("inf")
                 continue
             if child.retiring and child.term_at and now - child.term_at > s.graceful_timeout + s.kill_grace:
@@ -338,9 +324,9 @@ class PoolSupervisor:
         """The backstop: the worker's Python stack to the log, SIGTERM, and SIGKILL later."""
         log.error("worker %d (pid %d) is not answering: %s; its Python stacks follow, then SIGTERM "
                   "and SIGKILL after %gs", child.slot, child.pid, why, self.settings.kill_grace)
-        _signal(child.pid, signal.SIGUSR2)     # faulthandler writes every thread's stack
+        send_signal(child.pid, signal.SIGUSR2)     # faulthandler writes every thread's stack
         time.sleep(0.05)
-        _signal(child.pid, signal.SIGTERM)
+        send_signal(child.pid, signal.SIGTERM)
         self.board.add(crashed=1)
         child.killing = True
         child.retiring = child.retiring or "killed: " + why
@@ -349,7 +335,7 @@ class PoolSupervisor:
     def retire(self, child: _Child, why: str) -> None:
         child.retiring = why
         child.term_at = time.monotonic()
-        _signal(child.pid, signal.SIGTERM)
+        send_signal(child.pid, signal.SIGTERM)
 
     # --- the process manager ---
 
@@ -469,18 +455,18 @@ class PoolSupervisor:
         if not graceful:
             log.info("%s: stopping %d worker(s) now", reason, len(self.children))
             for child in self.children.values():
-                _signal(child.pid, signal.SIGKILL)
+                send_signal(child.pid, signal.SIGKILL)
         else:
             log.info("%s: stopping %d worker(s) gracefully", reason, len(self.children))
             for child in self.children.values():
-                _signal(child.pid, signal.SIGTERM)
+                send_signal(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + (self.settings.graceful_timeout + 5 if graceful else 5)
         while self.children and time.monotonic() < deadline:
             signal.sigtimedwait({signal.SIGCHLD}, 0.2)
             self.reap()
         for pid in list(self.children):
             log.error("worker pid %d still running after SIGTERM; SIGKILL", pid)
-            _signal(pid, signal.SIGKILL)
+            send_signal(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         self.children.clear()
         log.info("stopped")
@@ -491,10 +477,3 @@ class PoolSupervisor:
             self.set_title(f"supervisor pool={self.name} pm={self.settings.pm} "
                            f"workers={len(live)}/{self.settings.workers}"
                            + ("" if self.board.header()["healthy"] else " UNHEALTHY"))
-
-
-def _signal(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass

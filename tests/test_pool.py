@@ -298,14 +298,17 @@ def test_reload_under_load_drops_nothing_and_serves_the_new_code(pool):
 
 
 def test_a_hung_worker_is_killed_by_the_supervisor(pool):
-    # SIGSTOP: the worker's own watchdog cannot act, so the supervisor must
+    # a regular expression holding the GIL: the worker's own watchdog cannot act,
+    # so the supervisor must, with the stacks from faulthandler first
     d = pool("request_timeout = 1", workers=1)
     sup = supervisor_of(d)
     [hung] = wait_workers(sup, 1)
-    r = get(d, "/stop")
+    # a POST, which the front does not send again on another connection
+    r = requests.post(f"{d.url}/app/hang", data=b"x", timeout=30)
     assert r.status_code == 502                       # its connection died with it
-    d.wait_for_log(rf"worker 0 \(pid {hung}\) is not answering: request GET /app/stop running for \d+s; "
+    d.wait_for_log(rf"worker 0 \(pid {hung}\) is not answering: request POST /app/hang running for \d+s; "
                    r"its Python stacks follow, then SIGTERM and SIGKILL after 2s")
+    d.wait_for_log(r'File ".*pool_app\.py", line \d+ in app')     # faulthandler's dump
     d.wait_for_log(rf"worker 0 \(pid {hung}\) still running 2s after SIGTERM; SIGKILL")
     wait_gone([hung], timeout=5)
     [fresh] = wait_workers(sup, 1)

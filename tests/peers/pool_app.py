@@ -3,7 +3,8 @@
     /pid            this worker's pid
     /sleep?S        sleep S seconds, then answer
     /grow?MB        keep MB more megabytes for the worker's lifetime
-    /stop           SIGSTOP this worker (a worker that hangs, watchdog and all)
+    /hang           a regular expression that backtracks for minutes without
+                    letting go of the GIL: the worker hangs, watchdog and all
     /version        the text of $POOL_APP_DIR/version, as it was when this
                     worker imported the app (a reload must change it)
 
@@ -12,7 +13,7 @@ the workers that start after the pool did.
 """
 
 import os
-import signal
+import re
 import time
 
 HERE = os.environ.get("POOL_APP_DIR", "")
@@ -36,9 +37,9 @@ def app(environ, start_response):
     elif path == "/grow":
         HELD.append(bytearray(int(query or 1) * 1024 * 1024))
         body = b"grown\n"
-    elif path == "/stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
-        body = b"continued\n"
+    elif path == "/hang":
+        re.match(r"(a+)+$", "a" * 40 + "b")
+        body = b"done\n"
     elif path == "/version":
         body = VERSION.encode() + b"\n"
     else:

@@ -377,6 +377,9 @@ def test_dead_worker_is_replaced_and_sigterm_is_graceful(fcgi):
     deadline = time.monotonic() + 10
     while len(d.workers()) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
+    pids = set()
+    while len(pids) < 2 and time.monotonic() < deadline:   # both ready: each has answered
+        pids.add(Client(d).get("/pid")[2])
     victim = d.workers()[0]
     os.kill(victim, signal.SIGKILL)
     d.wait_for_log(rf"worker \d \(pid {victim}\) died: killed by SIGKILL; starting another")

@@ -74,6 +74,7 @@ class Connection:
         self.requests: dict[int, _Request] = {}
         self.closed = False
         self.last_used = time.monotonic()
+        self.used = False                    # has a request begun on it?
 
     def serve(self) -> None:
         self.sock.settimeout(self.worker.idle_timeout)
@@ -115,7 +116,9 @@ class Connection:
                         self.run(request)
                     else:
                         self.worker.pool.submit(self.run, request)
-                if (self.fcgi.close_after or self.worker.stopping) and not self.requests:
+                # stopping: a connection goes once its requests are done; one that has
+                # had none yet (a web server asking FCGI_GET_VALUES first) waits for it
+                if not self.requests and (self.fcgi.close_after or (self.worker.stopping and self.used)):
                     break
         finally:
             self.close()
@@ -124,6 +127,7 @@ class Connection:
         """Act on one event; a request whose PARAMS are complete goes on `ready`."""
         rid = event.request_id
         if isinstance(event, ev.BeginRequest):
+            self.used = True
             self.requests[rid] = _Request(rid, self)
         elif isinstance(event, ev.Params):
             request = self.requests.get(rid)
@@ -171,6 +175,21 @@ class Connection:
             if not self.requests and (self.fcgi.close_after or self.worker.stopping
                                       or self.worker.should_give_back()):
                 self._close_locked()
+
+    def idle(self) -> bool:
+        """No request on it, and none arriving: closing it loses nothing.  (A
+        request already in its socket, unread, would be reset with it: the
+        reader thread takes that one, and closes the connection after it.  A
+        connection just accepted has its first request on the way: a web
+        server connects, then writes.)"""
+        if self.requests or self.closed:
+            return False
+        if not self.used and time.monotonic() - self.last_used < FIRST_REQUEST_WAIT:
+            return False
+        try:
+            return not select.select([self.sock], [], [], 0)[0]
+        except (OSError, ValueError):
+            return True
 
     def answer_instead(self, request: _Request, status: str, text: str) -> bool:
         """End `request` with this answer from the worker itself (its app thread is
@@ -275,6 +294,7 @@ class Connection:
 # threads gives a connection back, after its request, while another is idle.
 CONNECTIONS_PER_THREAD = 8
 IDLE_FIRST = 0.01
+FIRST_REQUEST_WAIT = 1.0     # a new connection is not idle before its first request, or this long
 
 
 def _waiting(listener: socket.socket, timeout: float = 0) -> bool:
@@ -312,6 +332,7 @@ class Worker:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsgi")
         self.connections: set[Connection] = set()
         self.listeners: list[socket.socket] = []
+        self._accepting = 0                  # accept threads still running
         self.running = 0                     # requests between PARAMS and END_REQUEST
         self.stuck = 0                       # of those, timed out with their app call still running
         self.active: dict[int, _Request] = {}   # id() -> request, while the app runs it
@@ -344,6 +365,16 @@ class Worker:
     def serve_forever(self, listener: socket.socket) -> None:
         """Accept from `listener` until stop(); run one such thread per listener."""
         self.listeners.append(listener)
+        with self.busy:
+            self._accepting += 1
+        try:
+            self._accept_loop(listener)
+        finally:
+            with self.busy:
+                self._accepting -= 1
+                self.busy.notify_all()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
         listener.settimeout(0.5)
         while not self._stopping.is_set():
             if not self._slots.acquire(timeout=0.2):
@@ -406,7 +437,7 @@ class Worker:
             conn = min(idle, key=lambda c: c.last_used)
             log.debug("closing an idle fastcgi connection from %s: another one waits", conn.peer)
             with conn.lock:
-                if not conn.requests:
+                if conn.idle():
                     conn._close_locked()
 
     def _serve_connection(self, conn: Connection) -> None:
@@ -422,7 +453,7 @@ class Worker:
         self._stopping.set()
         for conn in list(self.connections):
             with conn.lock:
-                if not conn.requests:
+                if conn.idle():
                     conn._close_locked()
 
     def stop(self, grace: float) -> None:
@@ -431,9 +462,26 @@ class Worker:
         when that ends (a web server reusing it then sees it closed before any
         answer, and tries another)."""
         self.drain()
+        deadline = time.monotonic() + grace
         with self.busy:
-            if not self.busy.wait_for(lambda: self.running - self.stuck <= 0, timeout=grace):
-                log.warning("graceful timeout: %d request(s) still running are cut", self.running)
+            # an accept in progress may still hand over a connection: wait for it
+            self.busy.wait_for(lambda: self._accepting == 0, timeout=2.0)
+        while True:
+            # a connection accepted just before, its request still unread, is
+            # waited for too: closing it would reset a request nobody answered
+            arriving = [conn for conn in list(self.connections) if not conn.closed and not conn.requests
+                        and not conn.idle()]
+            with self.busy:
+                if self.running - self.stuck <= 0 and not arriving:
+                    break
+                if time.monotonic() >= deadline:
+                    log.warning("graceful timeout: %d request(s) still running are cut", self.running)
+                    break
+                self.busy.wait(0.05)
+            for conn in list(self.connections):
+                with conn.lock:
+                    if conn.idle():
+                        conn._close_locked()
         self.pool.shutdown(wait=False, cancel_futures=True)
         for conn in list(self.connections):
             conn.close()

@@ -12,8 +12,9 @@ served.  A thread of its own wakes four times a second to
   in its place (when the app had not begun an answer), and retire the
   worker, since a thread cannot be stopped; the supervisor replaces it,
   and kills it (TERM, then KILL) if it does not go;
-- retire the worker once it has served `max_requests` (plus its jitter)
-  or its RSS is over `max_rss`, after the requests it is running.
+- retire the worker once its RSS is over `max_rss`, after the requests it
+  is running; and when it begins its `max_requests`th request (plus its
+  jitter), so that no request more reaches it meanwhile.
 
 Retiring asks the worker's main thread to stop gracefully (`retire`), the
 same way SIGTERM does.
@@ -85,6 +86,11 @@ class RequestTracker:
     def began(self, request) -> None:
         with self.lock:
             self.active += 1
+            last = self.max_requests and self.served + self.active >= self.max_requests
+        if last:
+            # its last request: take no more from now on, not only after it
+            self.retire(f"served {self.served + self.active} requests (max_requests)", recycled=True)
+        with self.lock:
             if self.board is not None:
                 method, _, uri = request.describe().partition(" ")
                 self.board.write_slot(self.slot, state=sb.BUSY, active=self.active, method=method, uri=uri,
@@ -100,9 +106,6 @@ class RequestTracker:
                     fields.update(state=sb.EXITING if self.retiring else sb.IDLE, request_start=0.0,
                                   method="", uri="")
                 self.board.write_slot(self.slot, **fields)
-            served = self.served
-        if self.max_requests and served >= self.max_requests:
-            self.retire(f"served {served} requests (max_requests)", recycled=True)
 
     # --- retiring ---
 

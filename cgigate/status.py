@@ -20,14 +20,19 @@ import time
 LATENCY_SAMPLES = 1024          # the most recent requests per route the percentiles are taken over
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100) of an already sorted list
+    (also the load generator's, cgigate/demo/loadgen.py)."""
+    n = len(sorted_values)
+    if n == 0:
         return None
-    values = sorted(values)
-    pos = (len(values) - 1) * q / 100
+    if n == 1:
+        return sorted_values[0]
+    pos = (n - 1) * q / 100.0
     lo = int(pos)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return sorted_values[lo] * (1 - frac) + sorted_values[hi] * frac
 
 
 class RouteStats:
@@ -44,8 +49,8 @@ class RouteStats:
         self.latencies.append(seconds)
 
     def snapshot(self) -> dict:
-        lat = list(self.latencies)
-        ms = {f"p{q}": (None if (v := _percentile(lat, q)) is None else round(v * 1000, 3))
+        lat = sorted(self.latencies)
+        ms = {f"p{q}": (None if (v := percentile(lat, q)) is None else round(v * 1000, 3))
               for q in (50, 90, 99)}
         return {"requests": self.requests, "responses": dict(sorted(self.by_class.items())),
                 "latency_ms": ms, "latency_samples": len(lat)}

@@ -1,4 +1,4 @@
-"""Closed-loop load generator for `cgigate demo` and benchmarks/ (no third-party deps).
+"""Closed-loop load generator for `cgigate demo` and benchmarks/ (the standard library only).
 
 Three modes, all "C workers, each doing one thing at a time, back to back":
 
@@ -50,6 +50,8 @@ import threading
 import time
 from collections import Counter
 from urllib.parse import urlsplit
+
+from cgigate.status import percentile
 
 __all__ = [
     "ResponseParser",
@@ -292,20 +294,6 @@ def http_get(host: str, port: int, path: str, timeout: float = 5.0,
 # Statistics
 # --------------------------------------------------------------------------
 
-def _percentile(sorted_vals: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100) of an already sorted list."""
-    n = len(sorted_vals)
-    if n == 0:
-        return None
-    if n == 1:
-        return sorted_vals[0]
-    pos = (n - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, n - 1)
-    frac = pos - lo
-    return sorted_vals[lo] * (1 - frac) + sorted_vals[hi] * frac
-
-
 def summarize(latencies_s: list[float], duration: float) -> dict:
     lat = sorted(latencies_s)
     ms = lambda v: None if v is None else round(v * 1000.0, 4)  # noqa: E731
@@ -315,10 +303,10 @@ def summarize(latencies_s: list[float], duration: float) -> dict:
         "latency_ms": {
             "min": ms(lat[0]) if lat else None,
             "mean": ms(sum(lat) / len(lat)) if lat else None,
-            "p50": ms(_percentile(lat, 50)),
-            "p90": ms(_percentile(lat, 90)),
-            "p99": ms(_percentile(lat, 99)),
-            "p99.9": ms(_percentile(lat, 99.9)),
+            "p50": ms(percentile(lat, 50)),
+            "p90": ms(percentile(lat, 90)),
+            "p99": ms(percentile(lat, 99)),
+            "p99.9": ms(percentile(lat, 99.9)),
             "max": ms(lat[-1]) if lat else None,
         },
     }

@@ -140,7 +140,7 @@ def run_command(args) -> int:
     settings = Settings(duration=args.duration, warmup=args.warmup, concurrency=tuple(sorted(set(args.concurrency))),
                         forms=forms, startup_ms=tuple(sorted(set(args.startup))),
                         startup_concurrency=args.startup_concurrency, against=args.against, url=args.url,
-                        loadgen=args.loadgen, output=args.output, keep_workdir=args.keep_workdir)
+                        loadgen=args.loadgen, keep_workdir=args.keep_workdir)
     if args.workers:
         settings.workers = args.workers
 

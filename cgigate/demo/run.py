@@ -44,7 +44,6 @@ class Settings:
     url: str | None = None
     loadgen: str = "builtin"       # or "wrk"
     workers: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 4)))
-    output: str = "demo-report"
     keep_workdir: bool = False
 
 

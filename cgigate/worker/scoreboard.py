@@ -25,9 +25,9 @@ import threading
 import time
 
 # header: pool, mode, started (wall clock), then counters kept by the supervisor
-HEADER = struct.Struct("<64s16sd" + "Q" * 8 + "IIIB")
 HEADER_COUNTERS = ("retired_requests", "retired_slow", "retired_timed_out", "max_children_reached",
-                   "recycled", "crashed", "restarts", "reloads")
+                   "recycled", "crashed", "reloads")
+HEADER = struct.Struct("<64s16sd" + "Q" * len(HEADER_COUNTERS) + "IIIB")
 # slot: seq, pid, state, generation, started, requests, slow, timed_out,
 # request_start (monotonic), heartbeat (monotonic), method, uri, rss_kib, active
 SLOT = struct.Struct("<IiBIdQQQdd8s200sQI")

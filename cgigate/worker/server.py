@@ -191,6 +191,11 @@ class Connection:
         except (OSError, ValueError):
             return True
 
+    def close_if_idle(self) -> None:
+        with self.lock:
+            if self.idle():
+                self._close_locked()
+
     def answer_instead(self, request: _Request, status: str, text: str) -> bool:
         """End `request` with this answer from the worker itself (its app thread is
         stuck); False when the app had already begun its own answer."""
@@ -436,9 +441,7 @@ class Worker:
         if idle:
             conn = min(idle, key=lambda c: c.last_used)
             log.debug("closing an idle fastcgi connection from %s: another one waits", conn.peer)
-            with conn.lock:
-                if conn.idle():
-                    conn._close_locked()
+            conn.close_if_idle()
 
     def _serve_connection(self, conn: Connection) -> None:
         try:
@@ -452,9 +455,7 @@ class Worker:
         finish (a worker retiring itself: stop() follows from its main thread)."""
         self._stopping.set()
         for conn in list(self.connections):
-            with conn.lock:
-                if conn.idle():
-                    conn._close_locked()
+            conn.close_if_idle()
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let running requests finish for up to `grace` seconds.
@@ -478,10 +479,7 @@ class Worker:
                     log.warning("graceful timeout: %d request(s) still running are cut", self.running)
                     break
                 self.busy.wait(0.05)
-            for conn in list(self.connections):
-                with conn.lock:
-                    if conn.idle():
-                        conn._close_locked()
+            self.drain()     # the connections that have become idle meanwhile
         self.pool.shutdown(wait=False, cancel_futures=True)
         for conn in list(self.connections):
             conn.close()

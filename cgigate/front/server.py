@@ -52,8 +52,7 @@ class Server:
         self.pools: dict[str, Pool] = {}   # one per FastCGI address, shared by its routes
         self.routes = self.build_routes(config)
         self.stats = FrontStats()
-        self.status = StatusHandler(self, config.status) if config.status.path or config.status.ping_path \
-            else None
+        self.status = StatusHandler.for_config(self, config)
         self.redirect_limit = config.cgi.local_redirect_limit
         self.listeners: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []
@@ -104,8 +103,7 @@ class Server:
                     new = worker_config(new)
                 self.routes = self.build_routes(new)
                 self.config = new
-                self.status = StatusHandler(self, new.status) if new.status.path or new.status.ping_path \
-                    else None
+                self.status = StatusHandler.for_config(self, new)
                 log.info("SIGHUP: config %s reloaded: %d route(s)", source, len(self.routes))
         if apps is not None:   # (under --processes the arbiter tells them)
             apps.reload()

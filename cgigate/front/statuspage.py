@@ -28,6 +28,12 @@ class StatusHandler:
         self.allow = AllowList(settings.allow)
         self.boards: dict[str, object] = {}
 
+    @classmethod
+    def for_config(cls, server, config) -> "StatusHandler | None":
+        """The handler `config`'s [status] asks for, or None when it is off."""
+        settings = config.status
+        return cls(server, settings) if settings.path or settings.ping_path else None
+
     def serves(self, path: bytes) -> bool:
         return bool(path) and path in (self.path, self.ping_path)
 

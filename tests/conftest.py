@@ -84,6 +84,15 @@ def children_of(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+def cmdline(pid, what: str = "cmdline") -> str:
+    """/proc/PID/cmdline (or `what`, such as "environ") with NULs as spaces; "" once gone."""
+    try:
+        with open(f"/proc/{pid}/{what}", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -16,7 +16,7 @@ import requests
 
 from cgigate.demo.measure import descendants
 from cgigate.demo.run import WORKDIR_PREFIX
-from conftest import ROOT, require_program, wait_gone
+from conftest import ROOT, cmdline, require_program, wait_gone
 
 FORMS = ("floor", "c", "sh", "py", "wsgi")
 
@@ -24,14 +24,6 @@ FORMS = ("floor", "c", "sh", "py", "wsgi")
 def demo(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "cgigate", "demo", "--quiet", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-
-
-def cmdline(pid, what: str = "cmdline") -> str:
-    try:
-        with open(f"/proc/{pid}/{what}", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def leftovers(workdir: str) -> list[str]:

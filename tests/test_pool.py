@@ -14,17 +14,9 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, children_of, open_fds, process_gone, wait_gone
+from conftest import ROOT, children_of, cmdline, open_fds, process_gone, wait_gone
 
 APP = "tests.peers.pool_app:app"
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def supervisor_of(d) -> int:

@@ -77,6 +77,7 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------
 
 _HEAD, _BODY_CL, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _BODY_EOF, _DONE = range(8)
+_AFTER_DATA = {_BODY_CL: _DONE, _CHUNK_DATA: _CHUNK_CRLF}   # where counted body bytes lead
 
 
 class ResponseParser:
@@ -185,7 +186,7 @@ class ResponseParser:
             if st == _HEAD:
                 if not self._parse_head():
                     return False
-            elif st == _BODY_CL:
+            elif st in _AFTER_DATA:     # a Content-Length body, or one chunk's data
                 if not self.buf:
                     return False
                 take = self.buf[: self.remaining]
@@ -193,7 +194,7 @@ class ResponseParser:
                 self.remaining -= len(take)
                 self._body(take)
                 if self.remaining == 0:
-                    self.state = _DONE
+                    self.state = _AFTER_DATA[st]
             elif st == _CHUNK_SIZE:
                 i = self.buf.find(b"\r\n")
                 if i < 0:
@@ -211,15 +212,6 @@ class ResponseParser:
                 else:
                     self.remaining = size
                     self.state = _CHUNK_DATA
-            elif st == _CHUNK_DATA:
-                if not self.buf:
-                    return False
-                take = self.buf[: self.remaining]
-                del self.buf[: len(take)]
-                self.remaining -= len(take)
-                self._body(take)
-                if self.remaining == 0:
-                    self.state = _CHUNK_CRLF
             elif st == _CHUNK_CRLF:
                 if len(self.buf) < 2:
                     return False
